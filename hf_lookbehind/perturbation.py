@@ -1,0 +1,61 @@
+"""Ascent steps of SAM (Foret et al., eq. 3 of the Lookbehind paper) and ASAM (Kwon et al., eq. 4).
+
+SAM:  eps = rho * g / ||g||_2                  (one global norm over all parameters)
+ASAM: eps = rho * T^2 g / ||T g||_2,  T = |w| + eta   (element-wise, for the tensors whose
+      parameter group has ``asam_scale=True``; T = 1 for the others)
+
+The step is applied in place, ``w <- w + eps``, and consumes the gradients: on return
+``grads`` hold ``eps``. Callers that still need the gradient must use it first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .multi_tensor import global_norm
+
+PERTURBATIONS = ("sam", "asam", "none")
+
+# Added to the ascent norm, as in the public SAM/ASAM/Lookbehind code, so that a zero
+# gradient gives a zero perturbation instead of 0/0.
+NORM_EPS = 1e-16
+
+
+def _scale_by_asam_factor_(params, grads, scaled, eta: float) -> None:
+    """``g <- (|w| + eta) * g`` for the scaled tensors. One tensor-sized temporary at a time."""
+    for p, grad, is_scaled in zip(params, grads, scaled, strict=True):
+        if is_scaled:
+            grad.mul_(p.abs().add_(eta))
+
+
+def ascend_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    *,
+    rho: float,
+    perturbation: str,
+    asam_eta: float = 0.01,
+    asam_scaled: Sequence[bool] | None = None,
+    grad_norm: torch.Tensor | None = None,
+) -> None:
+    """Move ``params`` by the SAM/ASAM perturbation computed from ``grads`` (consumed).
+
+    ``grad_norm`` may pass ``||g||`` when the caller computed it already (SAM only).
+    """
+    if perturbation == "none" or not params:
+        return
+    params, grads = list(params), list(grads)
+    if perturbation == "asam":
+        scaled = list(asam_scaled) if asam_scaled is not None else [True] * len(params)
+        _scale_by_asam_factor_(params, grads, scaled, asam_eta)
+        norm = global_norm(grads)
+        _scale_by_asam_factor_(params, grads, scaled, asam_eta)
+    elif perturbation == "sam":
+        norm = global_norm(grads) if grad_norm is None else grad_norm
+    else:
+        raise ValueError(f"unknown perturbation {perturbation!r}; allowed: {PERTURBATIONS}")
+    scale = rho / (norm + NORM_EPS)
+    torch._foreach_mul_(grads, scale)
+    torch._foreach_add_(params, grads)
