@@ -1,12 +1,34 @@
 """Lookbehind-SAM (Mordido et al., ICML 2024) for PyTorch and the Hugging Face Trainer.
 
 The core (:class:`Lookbehind`) needs only torch. The Trainer layer (``LookbehindTrainer``,
-``LookbehindTrainingArguments``) is imported lazily and needs ``transformers``.
+``LookbehindTrainingArguments``) is imported on first use and needs ``transformers``.
 """
+
+from typing import Any
 
 from .alpha import adaptive_alpha
 from .optimizer import METHODS, Lookbehind
 from .param_groups import asam_param_groups
 
-__all__ = ["METHODS", "Lookbehind", "adaptive_alpha", "asam_param_groups"]
+__all__ = [
+    "METHODS",
+    "Lookbehind",
+    "LookbehindTrainer",
+    "LookbehindTrainingArguments",
+    "adaptive_alpha",
+    "asam_param_groups",
+]
 __version__ = "0.1.0"
+
+_TRAINER_LAYER = {
+    "LookbehindTrainer": ".trainer",
+    "LookbehindTrainingArguments": ".training_args",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINER_LAYER:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINER_LAYER[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

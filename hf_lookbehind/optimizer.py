@@ -30,8 +30,8 @@ with. Nothing in a step reads a tensor value on the host.
 Non-finite gradients: every pass checks the global gradient norm on the device. A NaN/inf in
 any pass of an outer step (a cycle of k calls in switching and lookahead mode) discards the
 outer step: ``S`` stays bit-identical and ``F``/``P`` restart from it, and
-``skipped_steps`` counts it. The base optimizer receives zeroed gradients for the passes
-from the bad one on, so its state sees finite zero-gradient updates, never NaN.
+``skipped_steps`` counts it. From the bad pass on, gradients are zeroed: perturbations are
+zero and the base optimizer sees finite zero-gradient updates, never NaN.
 """
 
 from __future__ import annotations
@@ -101,6 +101,48 @@ def _check_nonnegative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+def validate_settings(
+    *,
+    method: str,
+    k: int | None,
+    alpha: float | str,
+    rho: float,
+    perturbation: str,
+    asam_eta: float,
+    adaptive_scope: str,
+    minibatch_switching: bool,
+    batchnorm_update: str,
+    max_grad_norm: float | None = None,
+) -> int:
+    """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
+    Returns ``k`` with its default filled in (2, or 1 for sam)."""
+    _check_choice("method", method, METHODS)
+    if k is None:
+        k = 1 if method == "sam" else 2
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+    if method == "sam" and k != 1:
+        raise ValueError(f"method='sam' takes k=1, got k={k}; use method='multistep'")
+    _check_fraction(alpha, method)
+    _check_nonnegative("rho", rho)
+    _check_nonnegative("asam_eta", asam_eta)
+    _check_choice("perturbation", perturbation, PERTURBATIONS)
+    if perturbation == "none" and method != "lookahead":
+        raise ValueError(f"perturbation='none' is for method='lookahead', not {method!r}")
+    _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
+    _check_choice("batchnorm_update", batchnorm_update, BATCHNORM_UPDATES)
+    if minibatch_switching and method != "lookbehind":
+        raise ValueError(
+            f"minibatch_switching is a lookbehind mode; method={method!r} has no such mode "
+            "(lookahead always takes one minibatch per inner step)"
+        )
+    if max_grad_norm is not None:
+        _check_nonnegative("max_grad_norm", max_grad_norm)
+        if max_grad_norm == 0:
+            raise ValueError("max_grad_norm must be > 0, or None for no clipping")
+    return k
+
+
 class Lookbehind(torch.optim.Optimizer):
     """Lookbehind-SAM/ASAM and its baselines around any ``torch.optim.Optimizer``.
 
@@ -121,6 +163,8 @@ class Lookbehind(torch.optim.Optimizer):
             ``step()`` updates BatchNorm running statistics, which in same-batch mode is the
             pass at the slow weights that are evaluated) or ``every_pass`` (the public code).
             Without ``model`` the engine does not touch BatchNorm and every pass updates.
+        max_grad_norm: clip the global gradient norm of every descent update to this value
+            (never the ascent direction); ``None`` does not clip.
     """
 
     def __init__(
@@ -137,31 +181,24 @@ class Lookbehind(torch.optim.Optimizer):
         minibatch_switching: bool = False,
         model: nn.Module | None = None,
         batchnorm_update: str = "first_pass",
+        max_grad_norm: float | None = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}"
             )
-        _check_choice("method", method, METHODS)
-        if k is None:
-            k = 1 if method == "sam" else 2
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if method == "sam" and k != 1:
-            raise ValueError(f"method='sam' takes k=1, got k={k}; use method='multistep'")
-        _check_fraction(alpha, method)
-        _check_nonnegative("rho", rho)
-        _check_nonnegative("asam_eta", asam_eta)
-        _check_choice("perturbation", perturbation, PERTURBATIONS)
-        if perturbation == "none" and method != "lookahead":
-            raise ValueError(f"perturbation='none' is for method='lookahead', not {method!r}")
-        _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
-        _check_choice("batchnorm_update", batchnorm_update, BATCHNORM_UPDATES)
-        if minibatch_switching and method != "lookbehind":
-            raise ValueError(
-                f"minibatch_switching is a lookbehind mode; method={method!r} has no such mode "
-                "(lookahead always takes one minibatch per inner step)"
-            )
+        k = validate_settings(
+            method=method,
+            k=k,
+            alpha=alpha,
+            rho=rho,
+            perturbation=perturbation,
+            asam_eta=asam_eta,
+            adaptive_scope=adaptive_scope,
+            minibatch_switching=minibatch_switching,
+            batchnorm_update=batchnorm_update,
+            max_grad_norm=max_grad_norm,
+        )
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model)}")
         if any(group.get("maximize", False) for group in base_optimizer.param_groups):
@@ -183,9 +220,11 @@ class Lookbehind(torch.optim.Optimizer):
         self.adaptive_scope = adaptive_scope
         self.minibatch_switching = bool(minibatch_switching)
         self.batchnorm_update = batchnorm_update
+        self.max_grad_norm = max_grad_norm
         self._batchnorms = batchnorm_modules(model)
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
+        self.last_descent_grad_norm: torch.Tensor | None = None
         self._init_run_state()
 
     # ----------------------------------------------------------------- configuration and state
@@ -202,6 +241,7 @@ class Lookbehind(torch.optim.Optimizer):
             "adaptive_scope": self.adaptive_scope,
             "minibatch_switching": self.minibatch_switching,
             "batchnorm_update": self.batchnorm_update,
+            "max_grad_norm": self.max_grad_norm,
         }
 
     def _init_run_state(self) -> None:
@@ -249,8 +289,9 @@ class Lookbehind(torch.optim.Optimizer):
             return state_dict
         packed = dict(state_dict["state"])
         for index, p in enumerate(self._params):
-            if self.lookbehind_state.get(p):
-                packed[index] = {**packed.get(index, {}), **self.lookbehind_state[p]}
+            buffers = {k: v for k, v in self.lookbehind_state.get(p, {}).items() if k in BUFFERS}
+            if buffers:
+                packed[index] = {**packed.get(index, {}), **buffers}
         return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -314,7 +355,10 @@ class Lookbehind(torch.optim.Optimizer):
             return closure()
 
     def _checked_gradients(self):
-        """Gradients of the last pass and their global norm; records a non-finite norm."""
+        """Gradients of the last pass and their global norm. A non-finite norm marks the outer
+        step as failed; from then on the gradients (and so every later perturbation and base
+        update of the outer step) are zeroed, so nothing downstream turns NaN and a loss scaler
+        sees only the overflow that happened."""
         params, grads, scaled = self._gradients()
         if not grads:
             raise RuntimeError(
@@ -323,7 +367,9 @@ class Lookbehind(torch.optim.Optimizer):
         norm = global_norm(grads)
         nonfinite, _ = self._run_tensors(grads[0].device)
         nonfinite.logical_or_(~torch.isfinite(norm))
-        return params, grads, scaled, norm
+        keep = self._keep(grads[0].dtype)
+        zero_nonfinite_(grads, keep)
+        return params, grads, scaled, torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
 
     def _ascend(self, params, grads, scaled, norm) -> None:
         ascend_(
@@ -341,12 +387,18 @@ class Lookbehind(torch.optim.Optimizer):
         return (~self.param_groups[0][CYCLE_NONFINITE]).to(dtype)
 
     def base_update(self) -> None:
-        """Apply the base optimizer to the parameters with the current gradients, zeroed if
-        the outer step saw a non-finite gradient. Subclasses may route this through a
-        ``GradScaler`` or clip the gradients here (it is the only place descent happens)."""
-        _, grads, _ = self._gradients()
+        """Apply the base optimizer to the parameters with the current gradients: zeroed if
+        the outer step saw a non-finite gradient, then clipped to ``max_grad_norm``. This is
+        the only place where descent happens."""
+        params, grads, _ = self._gradients()
         if grads:
-            zero_nonfinite_(grads, self._keep(grads[0].dtype))
+            torch._foreach_mul_(grads, self._keep(grads[0].dtype))
+            if self.max_grad_norm is not None:
+                self.last_descent_grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, self.max_grad_norm, foreach=True
+                )
+            else:
+                self.last_descent_grad_norm = global_norm(grads)
         self.base_optimizer.step()
 
     def _descend(self, *, record_first: bool = False) -> None:
@@ -484,7 +536,8 @@ class Lookbehind(torch.optim.Optimizer):
             self._forward_backward(closure, first=False)
             checked = self._checked_gradients()
             if self.method == "multistep_avg":
-                self._accumulate_gradients(checked[0], checked[1], first=inner == 1)
+                params_with_grad, grads, _ = self._gradients()
+                self._accumulate_gradients(params_with_grad, grads, first=inner == 1)
         slow = [self.lookbehind_state[p][PERTURBED] for p in params]
         self._perturbation_distance([p.data for p in params], slow)
         torch._foreach_copy_([p.data for p in params], slow)  # params <- S; buffer keeps S

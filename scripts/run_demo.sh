@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e ".[examples]"
-python3 scripts/demo_digits.py "$@"
+python3 examples/quickstart/run_quickstart.py "$@"

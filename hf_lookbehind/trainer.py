@@ -1,0 +1,236 @@
+"""``LookbehindTrainer``: a drop-in ``transformers.Trainer`` that trains with Lookbehind-SAM.
+
+How a Trainer step maps onto the algorithm:
+
+- Same-batch mode: one Trainer step is one outer step (k + 1 forward/backward passes over the
+  step's whole batch); the slow-weight update happens before the step ends, so logging,
+  evaluation and checkpoints at step boundaries see slow weights.
+- Minibatch switching and lookahead: one Trainer step is one inner step on a new batch
+  (2 passes, 1 for lookahead without perturbation); every k-th step updates the slow weights.
+  Between steps the model holds the slow weights, so evaluation and saved models use them also
+  mid-cycle, while the fast and perturbed weights wait in the optimizer state.
+
+The learning-rate scheduler, ``max_steps`` and epochs count Trainer steps in both modes.
+``gradient_accumulation_steps`` micro-batches make one batch: every pass replays all
+micro-batches of the window (cached by the Trainer), so the perturbation uses the gradient of
+the whole accumulated batch. Under DDP that gradient is averaged over the processes
+(``ascent_sync="global"``).
+
+Gradient clipping (``max_grad_norm``) applies to every descent update and never to the ascent
+direction. With fp16, every pass goes through the accelerator's ``GradScaler`` (unscale and
+scale update, no host synchronisation); an overflow in any pass discards the outer step without
+touching slow or fast weights, like any non-finite gradient.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers import Trainer
+
+from .multi_tensor import global_norm, zero_nonfinite_
+from .optimizer import Lookbehind
+from .training_args import UNSUPPORTED_SHARDING, LookbehindTrainingArguments
+
+LOCAL_GRAD = "lookbehind_local_grad"
+
+
+class _TrainerLookbehind(Lookbehind):
+    """The engine as the Trainer drives it: passes go through the accelerator's GradScaler,
+    ``ascent_sync="per_device"`` perturbs with each process's own gradient, and the Trainer's
+    own ``optimizer.step()`` after the step is a no-op."""
+
+    def __init__(self, *args: Any, ascent_sync: str = "global", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.ascent_sync = ascent_sync
+        self.grad_scaler: torch.amp.GradScaler | None = None
+
+    @property
+    def per_device_ascent(self) -> bool:
+        return (
+            self.ascent_sync == "per_device"
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
+
+    def step(self, closure=None):  # type: ignore[override]
+        if closure is None:  # the Trainer's optimizer.step(): the work is done already
+            return None
+        return super().step(closure)
+
+    def _forward_backward(self, closure, *, first: bool) -> torch.Tensor:
+        loss = super()._forward_backward(closure, first=first)
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self.grad_scaler.unscale_(self.base_optimizer)
+            self.grad_scaler.update()
+        if self.per_device_ascent:
+            self._keep_local_and_average_gradients()
+        return loss
+
+    def _keep_local_and_average_gradients(self) -> None:
+        """Per-device ascent (m-SAM, m = per-device batch): the pass ran without DDP's
+        all-reduce; keep this process's gradient for the ascent (one extra parameter-sized
+        buffer) and average the gradients over the processes for the descent."""
+        params, grads, _ = self._gradients()
+        for p, grad in zip(params, grads):
+            if LOCAL_GRAD not in self.lookbehind_state[p]:
+                self.lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
+        torch._foreach_copy_([self.lookbehind_state[p][LOCAL_GRAD] for p in params], grads)
+        world_size = dist.get_world_size()
+        handles = [dist.all_reduce(grad, async_op=True) for grad in grads]
+        for handle in handles:
+            handle.wait()
+        torch._foreach_div_(grads, float(world_size))
+
+    def _checked_gradients(self):
+        params, grads, scaled, norm = super()._checked_gradients()
+        if not self.per_device_ascent:
+            return params, grads, scaled, norm
+        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in params]
+        zero_nonfinite_(local, self._keep(local[0].dtype))  # bad anywhere: averaged is bad too
+        return params, local, scaled, global_norm(local)
+
+
+def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Split every parameter group into parameters named ``*weight*`` (ASAM rescales them) and
+    the others, keeping the group's settings: the grouping of the public ASAM code."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        for scaled in (True, False):
+            params = [p for p in group["params"] if ("weight" in names.get(id(p), "")) == scaled]
+            if params:
+                groups.append({**group, "params": params, "asam_scale": scaled})
+    optimizer.param_groups = groups
+
+
+class LookbehindTrainer(Trainer):
+    """``transformers.Trainer`` with Lookbehind-SAM/ASAM and its baselines.
+
+    Takes a :class:`LookbehindTrainingArguments`; everything else is the Trainer's. The
+    optimizer the Trainer builds (``--optim``, or ``optimizers=(optimizer, scheduler)``) becomes
+    the base optimizer of :class:`hf_lookbehind.Lookbehind`.
+    """
+
+    args: LookbehindTrainingArguments
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.args, LookbehindTrainingArguments):
+            raise TypeError(
+                "LookbehindTrainer needs LookbehindTrainingArguments, got "
+                f"{type(self.args).__name__}"
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(UNSUPPORTED_SHARDING)
+        self._window: list[dict[str, Any]] = []
+
+    # -------------------------------------------------------------------------- optimizer
+    @property
+    def uses_lookbehind(self) -> bool:
+        return self.args.lookbehind_method != "none"
+
+    @property
+    def lookbehind(self) -> _TrainerLookbehind | None:
+        """The engine, once the optimizer exists."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        return optimizer if isinstance(optimizer, _TrainerLookbehind) else None
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer (built from ``--optim`` or passed in ``optimizers``),
+        wrapped in the Lookbehind engine as its base optimizer."""
+        base = super().create_optimizer(model)
+        if not self.uses_lookbehind or isinstance(base, Lookbehind):
+            return base
+        if self.args.perturbation == "asam" and self.args.asam_weights_only:
+            _split_for_asam(base, self.model)
+        self.optimizer = _TrainerLookbehind(
+            base,
+            model=self.model,
+            ascent_sync=self.args.ascent_sync,
+            **self.args.lookbehind_kwargs(),
+        )
+        return self.optimizer
+
+    # --------------------------------------------------------------------------- training
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(
+            epoch_iterator, num_batches, device
+        )
+        self._window = batch_samples
+        return batch_samples, num_items_in_batch
+
+    def _take_over_grad_scaler(self, engine: _TrainerLookbehind) -> None:
+        """Every pass must go through the GradScaler, so the engine drives it and the
+        accelerate-wrapped optimizer's own scaler step is switched off."""
+        scaler = getattr(self.optimizer, "scaler", None)
+        if scaler is not None:
+            engine.grad_scaler = scaler
+            self.optimizer.scaler = None
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        engine = self.lookbehind
+        if engine is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if not self._window or inputs is not self._window[-1]:
+            # Earlier micro-batches of the window: replayed by every pass of the last call.
+            return torch.zeros((), device=self.args.device)
+        self._take_over_grad_scaler(engine)
+        window = [self._prepare_inputs(micro_batch) for micro_batch in self._window]
+
+        def closure() -> torch.Tensor:
+            total = torch.zeros((), device=self.args.device)
+            for index, micro_batch in enumerate(window):
+                all_reduce = index == len(window) - 1 and not engine.per_device_ascent
+                sync = contextlib.nullcontext() if all_reduce else self.accelerator.no_sync(model)
+                with sync:
+                    total = total + super(LookbehindTrainer, self).training_step(
+                        model, micro_batch, num_items_in_batch
+                    )
+            return total
+
+        loss = engine.step(closure)
+        return loss.detach()
+
+    def _clip_grad_norm(self, model: nn.Module):
+        engine = self.lookbehind
+        if engine is None:
+            return super()._clip_grad_norm(model)
+        return engine.last_descent_grad_norm  # the engine clipped every descent already
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        engine = self.lookbehind
+        if engine is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return engine.last_descent_grad_norm
+
+    # ---------------------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        engine = self.lookbehind
+        if engine is not None and "loss" in logs:
+            logs.update(lookbehind_metrics(engine))
+        super().log(logs, start_time)
+
+
+def lookbehind_metrics(engine: Lookbehind) -> dict[str, float]:
+    """The engine's diagnostics as floats (host reads: call at logging time only)."""
+    metrics = {}
+    if engine.last_alpha is not None:
+        metrics["lookbehind_alpha"] = engine.last_alpha.float().mean().item()
+    if engine.last_ascent_grad_norm is not None:
+        metrics["ascent_grad_norm"] = engine.last_ascent_grad_norm.item()
+    if engine.last_perturbation_distance is not None:
+        metrics["perturbation_distance"] = engine.last_perturbation_distance.item()
+    if engine.skipped_steps is not None:
+        metrics["skipped_steps"] = int(engine.skipped_steps.item())
+    return metrics

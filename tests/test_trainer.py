@@ -1,0 +1,311 @@
+"""LookbehindTrainer against the core engine in a plain loop, gradient accumulation, DDP,
+resume, mixed precision, logging and bad flags (CPU, float64 where exactness is asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from trainer_harness import (
+    ToyDataset,
+    make_args,
+    make_model,
+    make_trainer,
+    plain_loop,
+)
+from transformers import TrainingArguments
+
+from hf_lookbehind import Lookbehind, LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind.trainer import _TrainerLookbehind
+
+HARNESS = Path(__file__).with_name("trainer_harness.py")
+MULTI_GPU_CONFIG = HARNESS.parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
+
+MODES = {
+    "same_batch": dict(lookbehind_k=2),
+    "same_batch_adaptive_k3": dict(lookbehind_k=3, lookbehind_alpha="adaptive"),
+    "switching": dict(lookbehind_k=2, minibatch_switching=True),
+    "switching_adaptive_asam": dict(
+        lookbehind_k=3,
+        minibatch_switching=True,
+        lookbehind_alpha="adaptive",
+        perturbation="asam",
+        asam_weights_only=False,
+    ),
+    "lookahead_sam": dict(lookbehind_method="lookahead", lookbehind_k=3),
+    "sam": dict(lookbehind_method="sam", lookbehind_k=None),
+    "multistep_avg": dict(lookbehind_method="multistep_avg", lookbehind_k=2),
+    "clipped": dict(lookbehind_k=2, max_grad_norm=0.3),
+}
+
+
+def engine_kwargs(overrides: dict) -> dict:
+    """The ``Lookbehind`` settings the Trainer builds from these flags."""
+    return make_args("unused", **overrides).lookbehind_kwargs()
+
+
+def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_trainer_reproduces_the_engine_in_a_plain_loop(tmp_path, mode):
+    trainer = make_trainer(tmp_path, **MODES[mode])
+    trainer.train()
+    expected = plain_loop(make_model(), 16, 6, **engine_kwargs(MODES[mode]))
+    assert max_difference(trainer.model, expected) < 1e-10
+    assert max_difference(trainer.model, make_model()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["same_batch", "switching"])
+def test_gradient_accumulation_equals_the_large_batch(tmp_path, mode):
+    large = make_trainer(tmp_path / "large", **MODES[mode])
+    large.train()
+    accumulated = make_trainer(
+        tmp_path / "accumulated",
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=4,
+        **MODES[mode],
+    )
+    accumulated.train()
+    assert max_difference(large.model, accumulated.model) < 1e-10
+    single_micro_batch = plain_loop(make_model(), 4, 6, **engine_kwargs(MODES[mode]))
+    assert max_difference(accumulated.model, single_micro_batch) > 1e-4
+
+
+def test_logs_carry_the_lookbehind_diagnostics(tmp_path):
+    trainer = make_trainer(tmp_path, lookbehind_alpha="adaptive", lookbehind_k=3)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 6
+    for entry in logged:
+        assert 0.0 <= entry["lookbehind_alpha"] <= 1.0
+        assert entry["ascent_grad_norm"] > 0
+        assert 0 < entry["perturbation_distance"] <= 3 * 0.1 + 1e-9  # k ascent steps of rho
+        assert entry["skipped_steps"] == 0
+        assert entry["grad_norm"] > 0
+
+
+def test_method_none_is_the_plain_trainer(tmp_path):
+    trainer = make_trainer(tmp_path, lookbehind_method="none")
+    trainer.train()
+    assert trainer.lookbehind is None
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dataset = ToyDataset()
+    for step in range(6):
+        start = (step % 4) * 16
+        optimizer.zero_grad()
+        model(dataset.x[start : start + 16], labels=dataset.y[start : start + 16])[
+            "loss"
+        ].backward()
+        optimizer.step()
+    assert max_difference(trainer.model, model) < 1e-10
+
+
+# ------------------------------------------------------------------------------------ DDP
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(output_dir: Path, overrides: dict, launcher: str) -> list[dict]:
+    """Run the harness in two gloo processes with ``torchrun`` or ``accelerate launch`` (with
+    the repository's multi-GPU config); return each rank's final weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HARNESS.parent)}
+    port = str(free_port())
+    if launcher == "torchrun":
+        prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:
+        prefix = [
+            "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
+            "--num_processes", "2", "--main_process_port", port,
+        ]  # fmt: skip
+    command = [sys.executable, *prefix, str(HARNESS), str(output_dir), json.dumps(overrides)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads((output_dir / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def weights_of(model: torch.nn.Module) -> dict:
+    return {name: p.detach().tolist() for name, p in model.named_parameters()}
+
+
+def largest_gap(a: dict, b: dict) -> float:
+    return max((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_reproduce_one_process_on_the_global_batch(tmp_path):
+    rank0, rank1 = launch_two_processes(
+        tmp_path / "two", {"per_device_train_batch_size": 8}, "torchrun"
+    )
+    assert rank0 == rank1
+    one = make_trainer(tmp_path / "one")
+    one.train()
+    assert largest_gap(rank0, weights_of(one.model)) < 1e-10
+    half_batch = plain_loop(make_model(), 8, 6, **engine_kwargs({}))
+    assert largest_gap(rank0, weights_of(half_batch)) > 1e-4
+
+
+@pytest.mark.slow
+def test_per_device_ascent_keeps_ranks_bit_identical(tmp_path):
+    overrides = {"per_device_train_batch_size": 8, "max_steps": 20}
+    per_device = launch_two_processes(
+        tmp_path / "pd", {**overrides, "ascent_sync": "per_device"}, "accelerate"
+    )
+    assert per_device[0] == per_device[1]
+    one = make_trainer(tmp_path / "one", max_steps=20)
+    one.train()
+    assert largest_gap(per_device[0], weights_of(one.model)) > 1e-6  # m-SAM differs
+
+
+# --------------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("mode", ["same_batch", "switching", "switching_adaptive_asam"])
+def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path, mode):
+    overrides = dict(MODES[mode], save_strategy="steps", save_steps=5, max_steps=7)
+    uninterrupted = make_trainer(tmp_path / "full", **overrides)
+    uninterrupted.train()
+
+    interrupted = make_trainer(tmp_path / "part", **overrides)
+    interrupted.train()
+    checkpoint = tmp_path / "part" / "checkpoint-5"
+    shutil.rmtree(tmp_path / "part" / "checkpoint-7", ignore_errors=True)
+    resumed = make_trainer(tmp_path / "part", model=make_model(), **overrides)
+    resumed.model.fc1.weight.data.zero_()  # the checkpoint must restore everything
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for a, b in zip(uninterrupted.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+    # The model file of the checkpoint holds the slow weights after 5 steps, also mid-cycle.
+    five_steps = make_trainer(tmp_path / "five", **{**overrides, "max_steps": 5})
+    five_steps.train()
+    saved = load_file(checkpoint / "model.safetensors")
+    for name, p in five_steps.model.named_parameters():
+        assert torch.equal(saved[name], p.detach())
+    if MODES[mode].get("minibatch_switching"):
+        assert five_steps.lookbehind.cycle_position == 5 % MODES[mode]["lookbehind_k"] != 0
+        fast = five_steps.lookbehind.lookbehind_state[five_steps.model.fc1.weight]
+        assert not torch.equal(fast["lookbehind_fast"], saved["fc1.weight"])
+
+
+# -------------------------------------------------------------------------- mixed precision
+def test_bf16_autocast_on_cpu_stays_finite(tmp_path):
+    model = make_model().float()
+    dataset = ToyDataset()
+    dataset.x = dataset.x.float()
+    trainer = make_trainer(
+        tmp_path, model=model, dataset=dataset, bf16=True, lookbehind_alpha="adaptive"
+    )
+    trainer.train()
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert max_difference(trainer.model, make_model().float()) > 1e-3
+    assert all(
+        entry["skipped_steps"] == 0 for entry in trainer.state.log_history if "loss" in entry
+    )
+
+
+def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
+    """The fp16 path on the CPU: every pass is unscaled and updates the scale; an injected inf
+    in any pass leaves the slow weights untouched, and the scaler backs off."""
+    model = make_model()
+    engine = _TrainerLookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
+    engine.grad_scaler = scaler
+    dataset = ToyDataset()
+    calls = [0]
+
+    def closure(poison_call=-1):
+        loss = model(dataset.x[:16], labels=dataset.y[:16])["loss"]
+        if calls[0] == poison_call:
+            loss = loss * float("inf")
+        calls[0] += 1
+        scaler.scale(loss).backward()
+        return loss
+
+    reference = make_model()
+    plain_loop(reference, 16, 1, k=2, rho=0.05)
+    engine.step(closure)  # a clean step equals the unscaled engine
+    assert max_difference(model, reference) < 1e-12
+
+    before = [p.detach().clone() for p in model.parameters()]
+    scale = scaler.get_scale()
+    calls[0] = 0
+    engine.step(lambda: closure(poison_call=1))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert int(engine.skipped_steps) == 1
+    assert scaler.get_scale() == scale / 2
+    engine.step(closure)  # training goes on, no "unscale_() has already been called"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert int(engine.skipped_steps) == 1
+
+
+# ------------------------------------------------------------------------------ bad flags
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(lookbehind_method="adam"), "unknown lookbehind_method 'adam'"),
+        (dict(lookbehind_k=0), "k must be an integer >= 1"),
+        (dict(lookbehind_alpha="1.5"), r"alpha must be a number in \(0, 1\]"),
+        (dict(lookbehind_alpha="fast"), "or 'adaptive'"),
+        (dict(rho=-1.0), "rho must be a finite number >= 0"),
+        (dict(asam_eta=-1.0), "asam_eta must be a finite number >= 0"),
+        (dict(perturbation="gsam"), "unknown perturbation 'gsam'"),
+        (dict(ascent_sync="ring"), "unknown ascent_sync 'ring'; allowed: global, per_device"),
+        (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),
+        (dict(adaptive_alpha_scope="layer"), "unknown adaptive_scope 'layer'"),
+        (dict(lookbehind_method="sam", lookbehind_k=3), "method='sam' takes k=1"),
+        (
+            dict(minibatch_switching=True, lookbehind_method="multistep", lookbehind_k=2),
+            "minibatch_switching",
+        ),
+        (dict(fsdp="full_shard"), "does not support DeepSpeed or FSDP"),
+        (dict(deepspeed="ds_config.json"), "does not support DeepSpeed or FSDP"),
+    ],
+)
+def test_bad_flags_are_rejected_when_the_arguments_are_built(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+def test_trainer_needs_lookbehind_arguments(tmp_path):
+    with pytest.raises(TypeError, match="LookbehindTrainingArguments"):
+        LookbehindTrainer(
+            model=make_model(),
+            args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True),
+            train_dataset=ToyDataset(),
+        )
+
+
+def test_arguments_parse_from_the_command_line(tmp_path):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(LookbehindTrainingArguments).parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--lookbehind_k",
+            "5",
+            "--lookbehind_alpha",
+            "adaptive",
+            "--minibatch_switching",
+            "--perturbation",
+            "asam",
+            "--rho",
+            "0.5",
+        ]
+    )
+    settings = args.lookbehind_kwargs()
+    assert settings["k"] == 5 and settings["alpha"] == "adaptive"
+    assert settings["minibatch_switching"] and settings["perturbation"] == "asam"
+    engine = Lookbehind(torch.optim.SGD(make_model().parameters(), lr=0.1), **settings)
+    assert engine.config["k"] == 5

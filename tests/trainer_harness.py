@@ -1,0 +1,126 @@
+"""A tiny float64 regression problem, a Trainer on it with a fixed data order, and the same
+training written as a plain loop around the core engine: the independent expectation of the
+Trainer-layer tests. Also run as a script by the two-process tests (torchrun)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, SequentialSampler
+
+from hf_lookbehind import Lookbehind, LookbehindTrainer, LookbehindTrainingArguments
+
+FEATURES, CLASSES, SAMPLES = 6, 3, 64
+
+
+class TinyClassifier(nn.Module):
+    """Returns ``{"loss", "logits"}`` like a transformers model; optional BatchNorm."""
+
+    def __init__(self, batchnorm: bool = False) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(FEATURES, 8)
+        self.norm = nn.BatchNorm1d(8) if batchnorm else nn.Identity()
+        self.fc2 = nn.Linear(8, CLASSES)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.fc2(torch.tanh(self.norm(self.fc1(x))))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+class ToyDataset(Dataset):
+    def __init__(self, n: int = SAMPLES, seed: int = 3) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, FEATURES, generator=generator, dtype=torch.float64)
+        self.y = torch.randint(0, CLASSES, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"x": self.x[index], "labels": self.y[index]}
+
+
+class InOrderTrainer(LookbehindTrainer):
+    """The same data order in every run and process count: sequential, no shuffling."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset or self.train_dataset)
+
+
+def make_model(batchnorm: bool = False) -> TinyClassifier:
+    torch.manual_seed(0)
+    return TinyClassifier(batchnorm).double()
+
+
+def make_args(output_dir, **overrides) -> LookbehindTrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=16,
+        learning_rate=0.1,
+        lr_scheduler_type="constant",
+        max_steps=6,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        max_grad_norm=0.0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        lookbehind_k=2,
+        rho=0.1,
+    )
+    settings.update(overrides)
+    return LookbehindTrainingArguments(**settings)
+
+
+def make_trainer(output_dir, model=None, dataset=None, **overrides) -> InOrderTrainer:
+    model = model or make_model()
+    args = make_args(output_dir, **overrides)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9)
+    return InOrderTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset or ToyDataset(),
+        optimizers=(optimizer, None),
+    )
+
+
+def plain_loop(model: nn.Module, batch_size: int, steps: int, **engine_kwargs) -> nn.Module:
+    """The same training without the Trainer: the engine in a loop over sequential batches."""
+    dataset = ToyDataset()
+    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **engine_kwargs)
+    batches_per_epoch = len(dataset) // batch_size
+    for step in range(steps):
+        start = (step % batches_per_epoch) * batch_size
+        x, y = dataset.x[start : start + batch_size], dataset.y[start : start + batch_size]
+
+        def closure(x=x, y=y):
+            loss = model(x, labels=y)["loss"]
+            loss.backward()
+            return loss
+
+        engine.step(closure)
+    return model
+
+
+def main() -> None:
+    """Two-process entry point: ``torchrun --nproc_per_node 2 trainer_harness.py OUT JSON``."""
+    output_dir, overrides = sys.argv[1], json.loads(sys.argv[2])
+    trainer = make_trainer(output_dir, **{"use_cpu": True, **overrides})
+    trainer.train()
+    rank = int(os.environ.get("RANK", "0"))
+    weights = {name: p.detach().tolist() for name, p in trainer.model.named_parameters()}
+    Path(output_dir, f"weights_rank{rank}.json").write_text(json.dumps(weights))
+
+
+if __name__ == "__main__":
+    main()
