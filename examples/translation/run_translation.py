@@ -1,0 +1,333 @@
+"""IWSLT'14 German-English with a Transformer (fairseq's ``transformer_iwslt_de_en``) and Adam,
+trained with Lookbehind-SAM/ASAM or one of its baselines (``--lookbehind_method``).
+
+    accelerate launch examples/translation/run_translation.py \\
+        --data_dir path/to/iwslt14.tokenized.de-en --output_dir runs/iwslt_lookbehind \\
+        --do_train --do_eval --do_predict --predict_with_generate ...
+
+See README.md for the full command of each method. Evaluation runs on the slow weights (the
+model holds them between Trainer steps); metrics go to ``all_results.json`` (``eval_bleu``,
+``eval_sacrebleu``, ``test_bleu``, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import transformers
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+from transformers import (
+    HfArgumentParser,
+    MarianMTModel,
+    Seq2SeqTrainer,
+    Seq2SeqTrainingArguments,
+    set_seed,
+)
+from translation_batching import TokenBudgetBatchSampler
+from translation_bleu import TranslationMetrics
+from translation_data import (
+    TranslationCollator,
+    encode_split,
+    load_hub_translation,
+    moses_tokenize_lowercase,
+    read_parallel_dir,
+)
+from translation_model import (
+    DECODER_START_ID,
+    count_trainable_parameters,
+    transformer_iwslt_de_en_config,
+    translation_generation_config,
+)
+from translation_vocab import BPE_FILE, JointBpeVocabularies
+
+from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    """The Transformer; the defaults are fairseq's ``transformer_iwslt_de_en``."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A model saved by an earlier run, to evaluate or train further."},
+    )
+    d_model: int = field(default=512, metadata={"help": "Model width."})
+    encoder_layers: int = field(default=6, metadata={"help": "Encoder layers."})
+    decoder_layers: int = field(default=6, metadata={"help": "Decoder layers."})
+    attention_heads: int = field(default=4, metadata={"help": "Attention heads per layer."})
+    ffn_dim: int = field(default=1024, metadata={"help": "Feed-forward width."})
+    dropout: float = field(default=0.3, metadata={"help": "Dropout after attention and FFN."})
+    max_positions: int = field(default=1024, metadata={"help": "Longest sequence."})
+
+
+@dataclass
+class DataArguments:
+    """The parallel text, its subword vocabulary and the batching."""
+
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of aligned files SPLIT.SRC / SPLIT.TGT, e.g. fairseq's "
+            "prepare-iwslt14.sh output (Moses-tokenized, lowercased): train, valid, test."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset with a 'translation' column (instead)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its config."})
+    moses_tokenize: bool = field(
+        default=False,
+        metadata={
+            "help": "Moses-tokenize and lowercase the text on load, as prepare-iwslt14.sh does "
+            "(for raw text such as hub datasets)."
+        },
+    )
+    source_lang: str = field(default="de", metadata={"help": "Source language code."})
+    target_lang: str = field(default="en", metadata={"help": "Target language code."})
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    validation_split: str = field(default="valid", metadata={"help": "Split for --do_eval."})
+    test_split: str = field(default="test", metadata={"help": "Split for --do_predict."})
+    subword_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the subword vocabulary is kept (default OUTPUT_DIR/subwords): one "
+            "saved there is reused, else one is learned on the training split and saved there."
+        },
+    )
+    bpe_vocab_size: int = field(
+        default=10000, metadata={"help": "Joint BPE vocabulary size (both languages)."}
+    )
+    max_tokens: int = field(
+        default=4096, metadata={"help": "Token budget of a training batch on each device."}
+    )
+    max_source_length: int = field(default=1024, metadata={"help": "Truncate longer sources."})
+    max_target_length: int = field(default=1024, metadata={"help": "Truncate longer targets."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N."})
+    max_predict_samples: int | None = field(default=None, metadata={"help": "Use the first N."})
+
+    def __post_init__(self) -> None:
+        if (self.data_dir is None) == (self.dataset_name is None):
+            raise ValueError("give exactly one of --data_dir and --dataset_name")
+        if self.bpe_vocab_size < 1 or self.max_tokens < 1:
+            raise ValueError(
+                f"bpe_vocab_size and max_tokens must be positive, got {self.bpe_vocab_size} "
+                f"and {self.max_tokens}"
+            )
+
+
+@dataclass
+class TranslationTrainingArguments(LookbehindTrainingArguments, Seq2SeqTrainingArguments):
+    """The Lookbehind flags and ``Seq2SeqTrainingArguments``' generation settings."""
+
+
+class TranslationTrainer(LookbehindTrainer, Seq2SeqTrainer):
+    """``LookbehindTrainer`` with generation for evaluation and fairseq-style training batches
+    of ``max_tokens`` tokens (:class:`TokenBudgetBatchSampler`)."""
+
+    def __init__(self, *args: Any, max_tokens: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_tokens = max_tokens
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.train_dataset is None:
+            raise ValueError("TranslationTrainer: training requires a train_dataset.")
+        sampler = TokenBudgetBatchSampler(
+            self.train_dataset[self.args.length_column_name], self.max_tokens, seed=self.args.seed
+        )
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+        return self.accelerator.prepare(loader)
+
+
+def load_parallel_text(data_args: DataArguments) -> DatasetDict:
+    if data_args.data_dir is not None:
+        raw = read_parallel_dir(data_args.data_dir, data_args.source_lang, data_args.target_lang)
+    else:
+        raw = load_hub_translation(
+            data_args.dataset_name,
+            data_args.dataset_config_name,
+            data_args.source_lang,
+            data_args.target_lang,
+        )
+    if data_args.moses_tokenize:
+        raw = moses_tokenize_lowercase(raw, data_args.source_lang, data_args.target_lang)
+    return raw
+
+
+def select_split(raw: DatasetDict, name: str, max_samples: int | None) -> Dataset:
+    if name not in raw:
+        raise ValueError(f"no split {name!r} in the data; splits: {', '.join(raw)}")
+    split = raw[name]
+    return split.select(range(min(max_samples, len(split)))) if max_samples else split
+
+
+def subword_vocabularies(
+    data_args: DataArguments, train_split: Dataset | None, output_dir: str
+) -> JointBpeVocabularies:
+    """The saved vocabulary of ``--subword_dir``, or one learned on ``train_split`` and saved."""
+    directory = Path(data_args.subword_dir or Path(output_dir) / "subwords")
+    if (directory / BPE_FILE).is_file():
+        logger.info("Using the subword vocabulary saved in %s", directory)
+        return JointBpeVocabularies.load(directory)
+    if train_split is None:
+        raise ValueError(
+            f"no subword vocabulary in {directory}: pass --subword_dir of a trained run, or "
+            "--do_train to learn one"
+        )
+    pairs = train_split["translation"]
+    vocabularies = JointBpeVocabularies.train(
+        [pair[data_args.source_lang] for pair in pairs],
+        [pair[data_args.target_lang] for pair in pairs],
+        data_args.bpe_vocab_size,
+    )
+    vocabularies.save(directory)
+    return vocabularies
+
+
+def build_model(
+    model_args: ModelArguments, vocabularies: JointBpeVocabularies, num_beams: int | None
+) -> MarianMTModel:
+    sizes = (len(vocabularies.source_tokens), len(vocabularies.target_tokens))
+    if model_args.model_name_or_path is not None:
+        model = MarianMTModel.from_pretrained(model_args.model_name_or_path)
+        # Loading leaves the sinusoidal position tables trainable; they are fixed by definition.
+        for stack in (model.get_encoder(), model.get_decoder()):
+            stack.embed_positions.weight.requires_grad_(False)
+        if (model.config.vocab_size, model.config.decoder_vocab_size) != sizes:
+            raise ValueError(
+                f"{model_args.model_name_or_path} has vocabularies of "
+                f"{model.config.vocab_size}/{model.config.decoder_vocab_size} tokens, the subword "
+                f"vocabulary {sizes[0]}/{sizes[1]}: pass the --subword_dir of its run"
+            )
+        return model
+    config = transformer_iwslt_de_en_config(
+        *sizes,
+        d_model=model_args.d_model,
+        encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers,
+        attention_heads=model_args.attention_heads,
+        ffn_dim=model_args.ffn_dim,
+        dropout=model_args.dropout,
+        max_positions=model_args.max_positions,
+    )
+    model = MarianMTModel(config)
+    model.generation_config = translation_generation_config(num_beams=num_beams or 5)
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Train and evaluate; returns every metric written to ``all_results.json``."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TranslationTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        handlers=[logging.StreamHandler(sys.stdout)],
+        level=training_args.get_process_log_level(),
+    )
+    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    set_seed(training_args.seed)
+
+    raw = load_parallel_text(data_args)
+    train_split = eval_split = test_split = None
+    if training_args.do_train:
+        train_split = select_split(raw, data_args.train_split, data_args.max_train_samples)
+    if training_args.do_eval:
+        eval_split = select_split(raw, data_args.validation_split, data_args.max_eval_samples)
+    if training_args.do_predict:
+        test_split = select_split(raw, data_args.test_split, data_args.max_predict_samples)
+    with training_args.main_process_first(desc="subword vocabulary"):
+        vocabularies = subword_vocabularies(data_args, train_split, training_args.output_dir)
+
+    def encode(split: Dataset | None) -> Dataset | None:
+        if split is None:
+            return None
+        return encode_split(
+            split,
+            vocabularies,
+            data_args.source_lang,
+            data_args.target_lang,
+            data_args.max_source_length,
+            data_args.max_target_length,
+        )
+
+    with training_args.main_process_first(desc="encoding"):
+        train_dataset, eval_dataset, test_dataset = (
+            encode(split) for split in (train_split, eval_split, test_split)
+        )
+
+    model = build_model(model_args, vocabularies, training_args.generation_num_beams)
+    if training_args.should_log:
+        print(
+            f"Transformer: {count_trainable_parameters(model) / 1e6:.2f}M trainable parameters "
+            f"(source vocabulary {len(vocabularies.source_tokens)}, target vocabulary "
+            f"{len(vocabularies.target_tokens)})"
+        )
+
+    generate = training_args.predict_with_generate
+    eval_metrics = (
+        TranslationMetrics(vocabularies, eval_dataset["reference"], data_args.target_lang)
+        if generate and eval_dataset is not None
+        else None
+    )
+    trainer = TranslationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=TranslationCollator(decoder_start_token_id=DECODER_START_ID),
+        compute_metrics=eval_metrics,
+        max_tokens=data_args.max_tokens,
+    )
+
+    results: dict[str, Any] = {}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+        results.update(metrics)
+
+    for prefix, dataset, metrics_fn in (
+        ("eval", eval_dataset, eval_metrics),
+        ("test", test_dataset, None),
+    ):
+        if dataset is None:
+            continue
+        if generate:
+            metrics_fn = metrics_fn or TranslationMetrics(
+                vocabularies, dataset["reference"], data_args.target_lang
+            )
+            trainer.compute_metrics = metrics_fn
+        metrics = trainer.predict(dataset, metric_key_prefix=prefix).metrics
+        metrics[f"{prefix}_samples"] = len(dataset)
+        if generate:
+            metrics[f"{prefix}_sacrebleu_signature"] = metrics_fn.signature
+            if trainer.is_world_process_zero():
+                generations = Path(training_args.output_dir) / f"{prefix}_generations.txt"
+                generations.write_text("".join(f"{line}\n" for line in metrics_fn.hypotheses))
+        trainer.log_metrics(prefix, metrics)
+        trainer.save_metrics(prefix, metrics)
+        results.update(metrics)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The IWSLT'14 de-en translation recipe: model size, subwords, token batching, BLEU and a short
+end-to-end run of ``run_translation.main`` on real IWSLT'14 sentences."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+from transformers import MarianMTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "translation"))
+
+from run_translation import main
+from translation_batching import TokenBudgetBatchSampler
+from translation_bleu import bleu_scores
+from translation_data import (
+    load_hub_translation,
+    moses_tokenize_lowercase,
+    read_parallel_dir,
+)
+from translation_model import (
+    count_trainable_parameters,
+    transformer_iwslt_de_en_config,
+)
+from translation_vocab import UNK_ID, JointBpeVocabularies
+
+# fairseq's transformer_iwslt_de_en with its IWSLT'14 dictionaries, counted by hand:
+# encoder layer 4 * (512 * 512 + 512) + (512 * 1024 + 1024 + 1024 * 512 + 512) + 2 * 1024,
+# decoder layer that plus cross-attention and a third LayerNorm, embeddings 8848 and 6632 rows.
+ENCODER_LAYER = 4 * (512 * 512 + 512) + (512 * 1024 + 1024 + 1024 * 512 + 512) + 2 * 1024
+DECODER_LAYER = ENCODER_LAYER + 4 * (512 * 512 + 512) + 1024
+FAIRSEQ_IWSLT_PARAMETERS = 6 * ENCODER_LAYER + 6 * DECODER_LAYER + (8848 + 6632) * 512
+
+
+def iwslt_lines(shared_data: Path, split: str, lang: str, count: int) -> list[str]:
+    path = shared_data / "iwslt14_de_en" / "tok" / f"{split}.{lang}"
+    return path.read_text(encoding="utf-8").splitlines()[:count]
+
+
+def test_transformer_iwslt_de_en_has_fairseqs_parameter_count():
+    model = MarianMTModel(transformer_iwslt_de_en_config(8848, 6632))
+    count = count_trainable_parameters(model)
+    assert count == FAIRSEQ_IWSLT_PARAMETERS
+    assert round(count / 1e6, 2) == 39.47
+    decoder_embeddings = model.get_decoder().embed_tokens.weight
+    assert model.lm_head.weight.data_ptr() == decoder_embeddings.data_ptr()
+    assert model.get_encoder().embed_tokens.weight.shape == (8848, 512)
+
+
+def test_joint_bpe_gives_separate_vocabularies_that_round_trip(shared_data, tmp_path):
+    german = iwslt_lines(shared_data, "valid", "de", 1500)
+    english = iwslt_lines(shared_data, "valid", "en", 1500)
+    vocabularies = JointBpeVocabularies.train(german, english, vocab_size=1200)
+    joint = vocabularies.bpe.get_vocab_size()
+    assert len(vocabularies.source_tokens) < joint and len(vocabularies.target_tokens) < joint
+
+    # A subword that only the English side uses is unknown to the German vocabulary.
+    english_only = next(
+        token
+        for token in vocabularies.target_tokens[4:]
+        if token not in vocabularies.source_tokens and token.endswith("</w>")
+    )
+    word = english_only.removesuffix("</w>")
+    if vocabularies.bpe.encode(word).tokens == [english_only]:
+        assert vocabularies.encode_source([word])[0][0] == UNK_ID
+
+    held_out = iwslt_lines(shared_data, "test", "en", 300)
+    encoded = vocabularies.encode_target(held_out)
+    known = [(line, ids) for line, ids in zip(held_out, encoded) if UNK_ID not in ids]
+    assert len(known) > 200
+    assert all(vocabularies.decode_target(ids) == line for line, ids in known)
+
+    vocabularies.save(tmp_path)
+    reloaded = JointBpeVocabularies.load(tmp_path)
+    assert reloaded.encode_source(german[:50]) == vocabularies.encode_source(german[:50])
+    assert reloaded.encode_target(held_out) == encoded
+    with pytest.raises(FileNotFoundError, match="not a saved subword vocabulary"):
+        JointBpeVocabularies.load(tmp_path / "missing")
+
+
+def test_token_budget_batches_cover_every_example_within_the_budget():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 60) for _ in range(700)]
+    sampler = TokenBudgetBatchSampler(lengths, max_tokens=256, seed=3)
+    epoch0 = list(sampler)
+    assert sorted(i for batch in epoch0 for i in batch) == list(range(len(lengths)))
+    assert all(len(batch) * max(lengths[i] for i in batch) <= 256 for batch in epoch0)
+    # Greedy grouping by length: in length order, each batch's examples are no longer than the
+    # next batch's, and adding the next batch's shortest example would break the budget.
+    for batch, following in itertools.pairwise(sampler.batches):
+        shortest_next = min(lengths[i] for i in following)
+        assert max(lengths[i] for i in batch) <= shortest_next
+        assert (len(batch) + 1) * shortest_next > 256
+    padded = sum(len(batch) * max(lengths[i] for i in batch) for batch in epoch0)
+    assert padded < 1.1 * sum(lengths)  # grouping by length leaves little padding
+
+    assert list(sampler) == epoch0  # same epoch, same order
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)  # same batches, new order
+    assert len(sampler) == len(epoch0)
+
+    with pytest.raises(ValueError, match="longer than max_tokens=50"):
+        TokenBudgetBatchSampler(lengths, max_tokens=50)
+    with pytest.raises(ValueError, match="positive integer"):
+        TokenBudgetBatchSampler(lengths, max_tokens=0)
+
+
+def test_bleu_scores_tokenized_and_detokenized():
+    references = ["it &apos;s that pyramid .", "in mother &apos;s milk ."]
+    hypotheses = ["it &apos;s a pyramid .", "in mother &apos;s milk ."]
+    perfect, signature = bleu_scores(references, references, "en")
+    assert perfect == pytest.approx({"bleu": 100.0, "sacrebleu": 100.0})
+    assert signature.startswith("nrefs:1|case:mixed|eff:no|tok:13a")
+
+    scores, _ = bleu_scores(hypotheses, references, "en")
+    expected_tokenized = sacrebleu.corpus_bleu(hypotheses, [references], tokenize="none").score
+    expected_detokenized = sacrebleu.corpus_bleu(
+        ["it's a pyramid.", "in mother's milk."], [["it's that pyramid.", "in mother's milk."]]
+    ).score
+    assert scores["bleu"] == pytest.approx(expected_tokenized)
+    assert scores["sacrebleu"] == pytest.approx(expected_detokenized)
+    assert 0 < scores["sacrebleu"] < 100
+    with pytest.raises(ValueError, match="1 hypotheses for 2 references"):
+        bleu_scores(hypotheses[:1], references, "en")
+
+
+def test_hub_layout_and_moses_preparation_on_local_multi30k(shared_data, tmp_path):
+    """The hub loader on a local dataset folder of raw Multi30k pairs, then fairseq's
+    Moses tokenization and lowercasing."""
+    multi30k = shared_data / "multi30k_de_en"
+    german = (multi30k / "val.de").read_text(encoding="utf-8").splitlines()[:3]
+    english = (multi30k / "val.en").read_text(encoding="utf-8").splitlines()[:3]
+    rows = [{"translation": {"de": d, "en": e}} for d, e in zip(german, english)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    raw = load_hub_translation(str(tmp_path), None, "de", "en")
+    prepared = moses_tokenize_lowercase(raw, "de", "en")["train"]["translation"]
+    assert german[1] == "Ein Mann schläft in einem grünen Raum auf einem Sofa."
+    assert prepared[1]["de"] == "ein mann schläft in einem grünen raum auf einem sofa ."
+    assert english[2] == "A boy wearing headphones sits on a woman's shoulders."
+    assert prepared[2]["en"] == "a boy wearing headphones sits on a woman &apos;s shoulders ."
+    with pytest.raises(ValueError, match="no language fr"):
+        load_hub_translation(str(tmp_path), None, "de", "fr")
+
+
+def test_parallel_dir_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no parallel files"):
+        read_parallel_dir(tmp_path, "de", "en")
+    (tmp_path / "train.de").write_text("a\nb\n")
+    (tmp_path / "train.en").write_text("a\n")
+    with pytest.raises(ValueError, match="has 2 lines but"):
+        read_parallel_dir(tmp_path, "de", "en")
+
+
+def smoke_argv(shared_data: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A tiny Transformer on 200 IWSLT'14 pairs; the test split doubles as validation."""
+    return [
+        f"--data_dir={shared_data / 'iwslt14_de_en' / 'tok'}",
+        "--train_split=valid",
+        "--validation_split=test",
+        "--max_train_samples=160",
+        "--max_eval_samples=12",
+        "--max_predict_samples=6",
+        "--bpe_vocab_size=400",
+        "--d_model=32",
+        "--encoder_layers=1",
+        "--decoder_layers=1",
+        "--attention_heads=2",
+        "--ffn_dim=64",
+        "--dropout=0.1",
+        "--max_tokens=1000",
+        f"--output_dir={output_dir}",
+        "--do_train",
+        "--do_eval",
+        "--do_predict",
+        "--predict_with_generate",
+        "--generation_num_beams=5",
+        "--generation_max_length=16",
+        "--per_device_eval_batch_size=12",
+        "--num_train_epochs=2",
+        "--learning_rate=1e-2",
+        "--lr_scheduler_type=inverse_sqrt",
+        "--warmup_steps=4",
+        "--adam_beta2=0.98",
+        "--weight_decay=1e-4",
+        "--label_smoothing_factor=0.1",
+        "--max_grad_norm=0",
+        "--logging_steps=1",
+        "--save_strategy=no",
+        "--report_to=none",
+        "--use_cpu",
+        "--disable_tqdm=true",
+        "--seed=0",
+        *extra,
+    ]
+
+
+METHOD_FLAGS = {
+    "lookbehind_sam_switching_adaptive": (
+        "--lookbehind_method=lookbehind",
+        "--minibatch_switching",
+        "--lookbehind_k=2",
+        "--lookbehind_alpha=adaptive",
+        "--rho=0.05",
+    ),
+    "asam": ("--lookbehind_method=sam", "--perturbation=asam", "--rho=0.5"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_smoke_run_trains_and_reports_bleu(shared_data, tmp_path, method):
+    results = main(smoke_argv(shared_data, tmp_path, *METHOD_FLAGS[method]))
+
+    written = json.loads((tmp_path / "all_results.json").read_text())
+    assert written == pytest.approx(results)
+    for key in ("eval_bleu", "eval_sacrebleu", "test_bleu", "test_sacrebleu"):
+        assert isinstance(written[key], float) and 0.0 <= written[key] <= 100.0
+    assert written["eval_sacrebleu_signature"].startswith("nrefs:1|")
+    assert math.isfinite(written["eval_loss"])
+    assert written["eval_samples"] == 12 and written["test_samples"] == 6
+    generations = (tmp_path / "eval_generations.txt").read_text().splitlines()
+    assert len(generations) == 12
+
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    assert len(losses) >= 12
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.4
+    steps = [entry for entry in history if "loss" in entry]
+    assert all(entry["ascent_grad_norm"] > 0 for entry in steps)  # every step ascended
+    assert steps[-1]["skipped_steps"] == 0
+    assert JointBpeVocabularies.load(tmp_path / "subwords").target_tokens[:4] == [
+        "<s>",
+        "<pad>",
+        "</s>",
+        "<unk>",
+    ]
+
+
+def test_run_rejects_unknown_split_and_ambiguous_data(shared_data, tmp_path):
+    data_dir, output_dir = smoke_argv(shared_data, tmp_path)[0], f"--output_dir={tmp_path}"
+    with pytest.raises(ValueError, match="no split 'train' in the data; splits: test, valid"):
+        main([data_dir, output_dir, "--do_train"])
+    with pytest.raises(ValueError, match="exactly one of --data_dir and --dataset_name"):
+        main([data_dir, output_dir, "--dataset_name=x"])
