@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from trainer_harness import (
+    InOrderTrainer,
     ToyDataset,
     make_args,
     make_model,
@@ -63,6 +65,48 @@ def test_trainer_reproduces_the_engine_in_a_plain_loop(tmp_path, mode):
     expected = plain_loop(make_model(), 16, 6, **engine_kwargs(MODES[mode]))
     assert max_difference(trainer.model, expected) < 1e-10
     assert max_difference(trainer.model, make_model()) > 1e-3
+
+
+def plain_adamw_loop(label_smoothing: float) -> torch.nn.Module:
+    model = make_model()
+    base = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0, eps=1e-6)
+    engine = Lookbehind(base, k=2, rho=0.1)
+    dataset = ToyDataset()
+    for step in range(6):
+        start = (step % 4) * 16
+        x, y = dataset.x[start : start + 16], dataset.y[start : start + 16]
+
+        def closure(x=x, y=y):
+            logits = model(x)["logits"]
+            loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
+            loss.backward()
+            return loss
+
+        engine.step(closure)
+    return model
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_trainer_built_optimizer_and_label_smoothing(tmp_path, label_smoothing):
+    """``--optim adamw_torch`` (the Trainer builds the base optimizer) and
+    ``--label_smoothing_factor`` (the Trainer's loss) go through the engine unchanged. The
+    Trainer's label smoother sums log-probabilities in float32, so that case agrees to 1e-6
+    instead of 1e-10. adam_epsilon 1e-6: Adam amplifies last-bit differences by lr/eps."""
+    args = make_args(
+        tmp_path,
+        optim="adamw_torch",
+        learning_rate=0.01,
+        adam_epsilon=1e-6,
+        label_smoothing_factor=label_smoothing,
+    )
+    model = make_model()
+    model.config = SimpleNamespace()  # the Trainer's label smoothing reads model.config
+    trainer = InOrderTrainer(model=model, args=args, train_dataset=ToyDataset())
+    trainer.train()
+    assert isinstance(trainer.lookbehind.base_optimizer, torch.optim.AdamW)
+    tolerance = 1e-6 if label_smoothing else 1e-10
+    assert max_difference(trainer.model, plain_adamw_loop(label_smoothing)) < tolerance
+    assert max_difference(trainer.model, plain_adamw_loop(0.3 - label_smoothing)) > 1e-4
 
 
 @pytest.mark.parametrize("mode", ["same_batch", "switching"])
