@@ -372,6 +372,9 @@ class Lookbehind(torch.optim.Optimizer):
         return params, grads, scaled, torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
 
     def _ascend(self, params, grads, scaled, norm) -> None:
+        """``P <- P + eps(g)``. In same-batch mode a descent may have clipped ``g`` in place
+        first; the direction is the same, and the norm is then recomputed so that the step
+        keeps its radius rho (clipping never touches the ascent)."""
         ascend_(
             params,
             grads,
@@ -379,7 +382,7 @@ class Lookbehind(torch.optim.Optimizer):
             perturbation=self.perturbation,
             asam_eta=self.asam_eta,
             asam_scaled=scaled,
-            grad_norm=norm,
+            grad_norm=None if self.max_grad_norm is not None else norm,
         )
 
     def _keep(self, dtype: torch.dtype) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import (
     OPTIMIZERS,
     closure_for,
@@ -108,3 +109,45 @@ def test_lookahead_matches_reference(perturbation, optimizer_name):
             engine.step(closure_for(model, batch))
         reference.step([closure_for(reference_model, batch) for batch in cycle])
     assert max_param_difference(model, reference_model) < TOLERANCE
+
+
+class ClippedSGD(torch.optim.SGD):
+    """SGD that clips the global gradient norm before each update: the reference's descent."""
+
+    def __init__(self, params, max_norm: float, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+
+    def step(self, closure=None):
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("minibatch_switching", [False, True])
+def test_max_grad_norm_clips_every_descent_update(minibatch_switching):
+    model, reference_model = make_model(), make_model()
+    k, max_norm = 3, 0.05
+    engine = Lookbehind(
+        OPTIMIZERS["sgd"](model.parameters()),
+        k=k,
+        rho=0.2,
+        max_grad_norm=max_norm,
+        minibatch_switching=minibatch_switching,
+    )
+    reference = ReferenceLookbehind(
+        ClippedSGD(reference_model.parameters(), max_norm, lr=0.1, momentum=0.9, weight_decay=5e-4),
+        k=k,
+        rho=0.2,
+    )
+    batches = make_batches(OUTER_STEPS * k)
+    for outer in range(OUTER_STEPS):
+        cycle = batches[outer * k : (outer + 1) * k] if minibatch_switching else batches[:1] * k
+        if minibatch_switching:
+            for batch in cycle:
+                engine.step(closure_for(model, batch))
+        else:
+            engine.step(closure_for(model, cycle[0]))
+        reference.step([closure_for(reference_model, batch) for batch in cycle])
+    assert max_param_difference(model, reference_model) < TOLERANCE
+    assert float(engine.last_descent_grad_norm) > max_norm  # clipping was active
