@@ -1,18 +1,27 @@
 """CIFAR models used by the recipes and the analysis tools.
 
-ResNet-20/56 (He et al. 2016, option-A shortcuts: a parameter-free, zero-padded, stride-2
-identity), with state-dict keys that load the pretrained checkpoints in
-``shared/data/pretrained_cifar10_resnet`` (keys prefixed ``module.``, no
-``num_batches_tracked``).
+- ResNet-20/56 (He et al. 2016, option-A shortcuts: a parameter-free, zero-padded, stride-2
+  identity), with state-dict keys that load the pretrained checkpoints in
+  ``shared/data/pretrained_cifar10_resnet`` (keys prefixed ``module.``, no
+  ``num_batches_tracked``).
+- ResNet-34/50 as in the Lookbehind-SAM code (the kuangliu CIFAR ResNet): torchvision's ResNet
+  with a 3x3 stride-1 stem and no max-pool, so the 32x32 input reaches the last stage at 4x4.
+- WRN-28-2 and WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation wide basic blocks.
+
+``CIFAR_MODELS`` maps the recipe's ``--model_name`` to a constructor ``(num_classes) -> model``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import ResNet
+from torchvision.models import resnet34 as torchvision_resnet34
+from torchvision.models import resnet50 as torchvision_resnet50
 
 
 class OptionAShortcut(nn.Module):
@@ -75,6 +84,100 @@ def resnet20(num_classes: int = 10) -> CifarResNetA:
 
 def resnet56(num_classes: int = 10) -> CifarResNetA:
     return CifarResNetA(9, num_classes)
+
+
+def cifar_stem(model: ResNet) -> ResNet:
+    """Replace an ImageNet ResNet's 7x7 stride-2 stem and max-pool by a 3x3 stride-1 conv."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+    model.maxpool = nn.Identity()
+    return model
+
+
+def resnet34(num_classes: int = 10) -> ResNet:
+    return cifar_stem(torchvision_resnet34(num_classes=num_classes))
+
+
+def resnet50(num_classes: int = 10) -> ResNet:
+    return cifar_stem(torchvision_resnet50(num_classes=num_classes))
+
+
+class WideBasicBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-(dropout)-conv3x3; a 1x1 conv on the activated input is the
+    shortcut when the shape changes."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        changes_shape = stride != 1 or in_planes != planes
+        self.shortcut = (
+            nn.Conv2d(in_planes, planes, 1, stride, bias=False) if changes_shape else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = F.relu(self.bn1(x))
+        out = self.conv1(activated)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        return out + (x if self.shortcut is None else self.shortcut(activated))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for 32x32 inputs: (depth - 4) / 6 blocks per stage of 16w/32w/64w
+    channels after a 16-channel 3x3 stem."""
+
+    def __init__(self, depth: int, width: int, num_classes: int = 10, dropout: float = 0.0) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {depth}")
+        blocks_per_stage = (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        blocks, in_planes = [], 16
+        for planes, stride in ((16 * width, 1), (32 * width, 2), (64 * width, 2)):
+            for index in range(blocks_per_stage):
+                blocks.append(
+                    WideBasicBlock(in_planes, planes, stride if index == 0 else 1, dropout)
+                )
+                in_planes = planes
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(in_planes)
+        self.linear = nn.Linear(in_planes, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn(self.blocks(self.conv1(x))))
+        return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+def wrn28_2(num_classes: int = 10) -> WideResNet:
+    return WideResNet(28, 2, num_classes)
+
+
+def wrn28_10(num_classes: int = 10) -> WideResNet:
+    return WideResNet(28, 10, num_classes)
+
+
+CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet20": resnet20,
+    "resnet56": resnet56,
+    "resnet34": resnet34,
+    "resnet50": resnet50,
+    "wrn28_2": wrn28_2,
+    "wrn28_10": wrn28_10,
+}
+
+
+def create_cifar_model(name: str, num_classes: int) -> nn.Module:
+    if name not in CIFAR_MODELS:
+        raise ValueError(f"unknown CIFAR model {name!r}; allowed: {', '.join(CIFAR_MODELS)}")
+    return CIFAR_MODELS[name](num_classes)
 
 
 def load_pretrained_resnet(path: str | Path) -> tuple[CifarResNetA, float]:

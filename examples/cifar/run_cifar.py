@@ -1,0 +1,172 @@
+"""Train a CIFAR-10/100 classifier with Lookbehind-SAM/ASAM or any baseline of the paper.
+
+Defaults are the paper's setup (Mordido et al., ICML 2024, Sec. 4.2): 200 epochs, batch 128,
+SGD (lr 0.1, momentum 0.9, weight decay 5e-4) with the learning rate multiplied by 0.1 at epochs
+50/100/150, random crop (padding 4) and horizontal flip, per-dataset normalisation, and an
+evaluation of the slow weights after every epoch. ``--lr_schedule trainer
+--lr_scheduler_type cosine --label_smoothing_factor 0.1`` gives the ASAM-style setup of Table 8.
+
+    accelerate launch examples/cifar/run_cifar.py --model_name resnet34 \\
+        --dataset_name uoft-cs/cifar10 --lookbehind_method lookbehind --rho 0.05 \\
+        --lookbehind_k 2 --lookbehind_alpha 0.5 --output_dir out/c10_r34_lb --do_train --do_eval
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.optim.lr_scheduler import LRScheduler, MultiStepLR
+from transformers import HfArgumentParser, set_seed
+
+from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "image_classification"))
+
+from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images
+from cifar_models import CIFAR_MODELS, create_cifar_model
+from image_classification_utils import (
+    DataArguments,
+    ImageClassifier,
+    image_and_label_columns,
+    load_image_splits,
+    num_classes,
+    top_k_accuracy,
+    track_best_accuracy,
+    train_and_evaluate,
+)
+
+LR_SCHEDULES = ("multistep", "trainer")
+
+# The paper's training setup; every entry can be overridden on the command line.
+PAPER_DEFAULTS = {
+    "do_train": True,
+    "do_eval": True,
+    "num_train_epochs": 200,
+    "per_device_train_batch_size": 128,
+    "per_device_eval_batch_size": 512,
+    "learning_rate": 0.1,
+    "weight_decay": 5e-4,
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    "eval_strategy": "epoch",
+    "save_strategy": "epoch",
+    "save_total_limit": 1,
+    "logging_strategy": "epoch",
+    "dataloader_num_workers": 2,
+}
+
+
+@dataclass
+class ModelArguments:
+    model_name: str = field(
+        default="resnet34",
+        metadata={"help": "CIFAR architecture.", "choices": list(CIFAR_MODELS)},
+    )
+    lr_schedule: str = field(
+        default="multistep",
+        metadata={
+            "help": "multistep: lr x --lr_decay_factor at each of --lr_decay_epochs (the paper); "
+            "trainer: the Trainer's --lr_scheduler_type (e.g. cosine, Table 8).",
+            "choices": list(LR_SCHEDULES),
+        },
+    )
+    lr_decay_epochs: list[int] = field(
+        default_factory=lambda: [50, 100, 150],
+        metadata={"help": "Epochs (of --num_train_epochs) at which multistep decays the lr."},
+    )
+    lr_decay_factor: float = field(default=0.1, metadata={"help": "multistep decay factor."})
+
+
+@dataclass
+class CifarDataArguments(DataArguments):
+    dataset_name: str | None = field(
+        default="uoft-cs/cifar10",
+        metadata={
+            "help": "Hub dataset (uoft-cs/cifar10 or uoft-cs/cifar100); ignored with local paths."
+        },
+    )
+    normalization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-channel mean/std; default cifar10 for 10 classes, cifar100 for 100.",
+            "choices": list(NORMALIZATIONS),
+        },
+    )
+    crop_padding: int = field(default=4, metadata={"help": "Zero padding of the random crop."})
+
+
+class MultiStepLRTrainer(LookbehindTrainer):
+    """``LookbehindTrainer`` whose learning rate is multiplied by ``decay_factor`` at the given
+    epochs (the paper's MultiStepLR). The Trainer steps its scheduler once per optimizer step,
+    so the epochs become steps: ``epoch * num_training_steps / num_train_epochs``."""
+
+    def __init__(
+        self, *args: Any, decay_epochs: Sequence[int], decay_factor: float, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.decay_epochs = list(decay_epochs)
+        self.decay_factor = decay_factor
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> LRScheduler:
+        if self.lr_scheduler is None:
+            steps_per_epoch = num_training_steps / self.args.num_train_epochs
+            milestones = [round(epoch * steps_per_epoch) for epoch in self.decay_epochs]
+            self.lr_scheduler = MultiStepLR(
+                optimizer or self.optimizer, milestones, gamma=self.decay_factor
+            )
+        return self.lr_scheduler
+
+
+def cifar_dataset(
+    dataset: Dataset, data_args: CifarDataArguments, classes: int, augment: bool
+) -> CifarTensorDataset:
+    image_column, label_column = image_and_label_columns(dataset, data_args)
+    normalization = data_args.normalization or ("cifar10" if classes <= 10 else "cifar100")
+    return CifarTensorDataset(
+        decode_images(dataset, image_column),
+        torch.as_tensor(dataset[label_column]),
+        NORMALIZATIONS[normalization],
+        augment=augment,
+        padding=data_args.crop_padding,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = HfArgumentParser((ModelArguments, CifarDataArguments, LookbehindTrainingArguments))
+    parser.set_defaults(**PAPER_DEFAULTS)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    set_seed(training_args.seed)
+    track_best_accuracy(training_args)
+
+    train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
+    classes = num_classes(train_split, image_and_label_columns(train_split, data_args)[1])
+    model = ImageClassifier(create_cifar_model(model_args.model_name, classes))
+
+    trainer_kwargs = {
+        "model": model,
+        "args": training_args,
+        "train_dataset": cifar_dataset(train_split, data_args, classes, augment=True),
+        "eval_dataset": cifar_dataset(eval_split, data_args, classes, augment=False),
+        "compute_metrics": top_k_accuracy(),
+    }
+    if model_args.lr_schedule == "multistep":
+        trainer = MultiStepLRTrainer(
+            decay_epochs=model_args.lr_decay_epochs,
+            decay_factor=model_args.lr_decay_factor,
+            **trainer_kwargs,
+        )
+    else:
+        trainer = LookbehindTrainer(**trainer_kwargs)
+    return train_and_evaluate(trainer, training_args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Pieces shared by the image-classification recipes (``run_cifar.py`` and
+``run_image_classification.py``): the data arguments and loading (hub name or local files), the
+Trainer-facing classifier wrapper, top-k accuracy, and the final metrics file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from sklearn.metrics import top_k_accuracy_score
+from torch import nn
+from transformers import EvalPrediction, Trainer, TrainingArguments
+
+LABEL_COLUMNS = ("label", "labels", "fine_label")
+FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json"}
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from: a hub dataset by name, or local files/folders."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub dataset name (ignored when --train_path/--validation_path are set)."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub config name."})
+    train_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local training data: a parquet/arrow/csv/json file in the hub schema, or an "
+            "image folder (<class>/<image> layout)."
+        },
+    )
+    validation_path: str | None = field(
+        default=None, metadata={"help": "Local evaluation data, in the same form as --train_path."}
+    )
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Hub split to evaluate on; default 'validation', else 'test'."},
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "Image column; default: the column of type Image."}
+    )
+    label_column_name: str | None = field(
+        default=None,
+        metadata={"help": f"Label column; default: the first of {', '.join(LABEL_COLUMNS)}."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on a random subset of this many examples."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on a random subset of this many examples."}
+    )
+
+    def __post_init__(self) -> None:
+        if (self.train_path is None) != (self.validation_path is None):
+            raise ValueError(
+                "local data needs both --train_path and --validation_path, got "
+                f"train_path={self.train_path!r}, validation_path={self.validation_path!r}"
+            )
+        if self.train_path is None and self.dataset_name is None:
+            raise ValueError(
+                "give --dataset_name (a hub dataset) or --train_path/--validation_path"
+            )
+
+    @property
+    def is_local(self) -> bool:
+        return self.train_path is not None
+
+
+def _local_builder(paths: Sequence[str]) -> tuple[str, list[str]]:
+    """The ``datasets`` builder for local paths and their data-file patterns."""
+    kinds = set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            kinds.add("imagefolder")
+        elif path.suffix in FILE_BUILDERS and path.is_file():
+            kinds.add(FILE_BUILDERS[path.suffix])
+        else:
+            raise ValueError(
+                f"{path}: not an image folder or a file ending in {', '.join(FILE_BUILDERS)}"
+            )
+    if len(kinds) != 1:
+        raise ValueError(f"train and validation data must be of one kind, got {sorted(kinds)}")
+    builder = kinds.pop()
+    patterns = [str(Path(p) / "**") if builder == "imagefolder" else p for p in paths]
+    return builder, patterns
+
+
+def load_image_splits(args: DataArguments, seed: int) -> tuple[Dataset, Dataset]:
+    """The training and evaluation splits, subsampled to ``max_*_samples``. Local image folders
+    are loaded in one call, so both splits share one class-index mapping (sorted folder names)."""
+    if args.is_local:
+        builder, (train, validation) = _local_builder([args.train_path, args.validation_path])
+        splits = load_dataset(builder, data_files={"train": train, "validation": validation})
+        eval_split = "validation"
+    else:
+        splits = load_dataset(args.dataset_name, args.dataset_config_name)
+        eval_split = args.eval_split or ("validation" if "validation" in splits else "test")
+    if not isinstance(splits, DatasetDict) or "train" not in splits or eval_split not in splits:
+        raise ValueError(f"need a 'train' and a {eval_split!r} split, got {list(splits)}")
+    subsets = []
+    for split, limit in (("train", args.max_train_samples), (eval_split, args.max_eval_samples)):
+        dataset = splits[split]
+        if limit is not None:
+            dataset = dataset.shuffle(seed=seed).select(range(min(limit, len(dataset))))
+        subsets.append(dataset)
+    return subsets[0], subsets[1]
+
+
+def image_and_label_columns(dataset: Dataset, args: DataArguments) -> tuple[str, str]:
+    """The image and label column names: the flags, or detected from the features."""
+    image = args.image_column_name or next(
+        (name for name, feature in dataset.features.items() if isinstance(feature, Image)), None
+    )
+    label = args.label_column_name or next(
+        (name for name in LABEL_COLUMNS if name in dataset.column_names), None
+    )
+    for role, name in (("image", image), ("label", label)):
+        if name is None or name not in dataset.column_names:
+            raise ValueError(
+                f"no {role} column {name!r}; the dataset has {dataset.column_names} "
+                f"(set --{role}_column_name)"
+            )
+    return image, label
+
+
+def num_classes(dataset: Dataset, label_column: str) -> int:
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel):
+        return feature.num_classes
+    return int(max(dataset[label_column])) + 1
+
+
+class ImageClassifier(nn.Module):
+    """A logits model behind the Trainer's interface: ``pixel_values`` in; a dict with ``logits``,
+    and the cross-entropy ``loss`` when ``labels`` are given, out. (With
+    ``--label_smoothing_factor`` the Trainer withholds the labels and smooths the loss itself.)"""
+
+    config = None  # read by the Trainer; None: not a transformers model
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        logits = self.backbone(pixel_values)
+        if labels is None:
+            return {"logits": logits}
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def top_k_accuracy(top_k: Sequence[int] = (1,)) -> Callable[[EvalPrediction], dict[str, float]]:
+    """``compute_metrics`` for the Trainer: ``accuracy`` (top-1) and ``top{k}`` for each k > 1
+    (with ``top1`` as well when any is asked for), as fractions in [0, 1]."""
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        logits = np.asarray(prediction.predictions)
+        labels = np.asarray(prediction.label_ids)
+        classes = np.arange(logits.shape[-1])
+        scores = {
+            k: float(top_k_accuracy_score(labels, logits, k=k, labels=classes))
+            for k in sorted({1, *top_k})
+        }
+        metrics = {"accuracy": scores[1]}
+        if len(scores) > 1:
+            metrics.update({f"top{k}": score for k, score in scores.items()})
+        return metrics
+
+    return compute_metrics
+
+
+def track_best_accuracy(training_args: TrainingArguments) -> None:
+    """Let the Trainer keep the best evaluation accuracy in ``state.best_metric`` (it does so
+    for ``metric_for_best_model`` at every evaluation), unless another metric was chosen."""
+    if training_args.metric_for_best_model is None:
+        training_args.metric_for_best_model = "accuracy"
+        training_args.greater_is_better = True
+
+
+def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
+    """Train (``--do_train``), evaluate the final (slow) weights (``--do_eval``) and write the
+    metrics: ``all_results.json`` holds ``eval_accuracy`` (final) and ``best_eval_accuracy``
+    (best over the evaluations during training and the final one)."""
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+        metrics.update(result.metrics)
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        best_during_training = trainer.state.best_metric
+        if training_args.metric_for_best_model != "accuracy" or best_during_training is None:
+            best_during_training = -math.inf
+        eval_metrics["best_eval_accuracy"] = max(
+            best_during_training, eval_metrics["eval_accuracy"]
+        )
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics

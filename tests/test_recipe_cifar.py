@@ -1,0 +1,185 @@
+"""The CIFAR recipe: model sizes against the reference implementations, the tensor input
+pipeline against torchvision's per-image transforms, and short runs of ``run_cifar.main`` on
+real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision import transforms
+from torchvision.transforms.v2 import functional as TF
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
+
+from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images, random_crop_flip
+from cifar_models import CIFAR_MODELS, create_cifar_model
+from image_classification_utils import ImageClassifier
+from run_cifar import main
+
+from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+
+# Parameter counts (10 classes) of the implementations the paper's numbers come from: the
+# kuangliu CIFAR ResNets of the Lookbehind-SAM code, the xternalz / Zagoruyko WideResNets and
+# akamaster's option-A ResNet-20/56 (0.27M / 0.85M).
+REFERENCE_PARAMETERS = {
+    "resnet20": 269_722,
+    "resnet56": 853_018,
+    "resnet34": 21_282_122,
+    "resnet50": 23_520_842,
+    "wrn28_2": 1_467_610,
+    "wrn28_10": 36_479_194,
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_PARAMETERS))
+def test_model_matches_reference_size_and_output(name):
+    torch.manual_seed(0)
+    model = create_cifar_model(name, num_classes=10)
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMETERS[name]
+    with torch.no_grad():
+        assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cifar_resnet_keeps_resolution_to_a_4x4_last_stage():
+    """The paper's CIFAR ResNet (3x3 stride-1 stem, no max-pool) pools a 4x4 map at the end."""
+    model = create_cifar_model("resnet34", num_classes=100).eval()
+    shapes = []
+    model.layer4.register_forward_hook(lambda module, args, out: shapes.append(out.shape))
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+    assert shapes == [(1, 512, 4, 4)]
+
+
+def test_unknown_model_name_is_rejected():
+    with pytest.raises(ValueError, match="unknown CIFAR model 'resnet18'; allowed: resnet20"):
+        create_cifar_model("resnet18", 10)
+    assert set(CIFAR_MODELS) == set(REFERENCE_PARAMETERS)
+
+
+def test_random_crop_flip_draws_torchvision_crops_per_image():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (300, 3, 6, 5), dtype=torch.uint8, generator=generator)
+    padding = 2
+    crops = random_crop_flip(images, padding, generator=generator)
+    assert crops.shape == images.shape and crops.dtype == torch.uint8
+    seen = set()
+    for image, crop in zip(images, crops):
+        padded = TF.pad(image, [padding])
+        matches = [
+            (top, left, flip)
+            for top in range(2 * padding + 1)
+            for left in range(2 * padding + 1)
+            for flip in (False, True)
+            if torch.equal(
+                crop,
+                (TF.horizontal_flip if flip else lambda x: x)(TF.crop(padded, top, left, 6, 5)),
+            )
+        ]
+        assert matches, "output is not a padded crop (or its mirror) of its own input"
+        seen.update(matches)
+    assert {flip for *_, flip in seen} == {False, True}
+    assert {(top, left) for top, left, _ in seen} == {(t, s) for t in range(5) for s in range(5)}
+
+
+@pytest.fixture
+def cifar10_test(shared_data):
+    files = {"test": str(shared_data / "cifar10" / "test.parquet")}
+    return datasets.load_dataset("parquet", data_files=files)["test"].select(range(8))
+
+
+def test_eval_pipeline_equals_torchvision_to_tensor_and_normalize(cifar10_test):
+    mean, std = NORMALIZATIONS["cifar10"]
+    dataset = CifarTensorDataset(
+        decode_images(cifar10_test, "img"),
+        torch.tensor(cifar10_test["label"]),
+        NORMALIZATIONS["cifar10"],
+        augment=False,
+    )
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+    batch = dataset.__getitems__(list(range(8)))
+    for example, item in zip(batch, cifar10_test):
+        torch.testing.assert_close(example["pixel_values"], reference(item["img"].convert("RGB")))
+        assert example["labels"].item() == item["label"]
+
+
+def test_dataset_rejects_non_uint8_images():
+    with pytest.raises(ValueError, match="uint8"):
+        CifarTensorDataset(torch.zeros(2, 3, 4, 4), torch.zeros(2), NORMALIZATIONS["cifar10"], True)
+
+
+def test_label_smoothing_flag_smooths_the_classifier_loss(tmp_path):
+    """``--label_smoothing_factor`` (the Table 8 setup) works with the wrapped plain model."""
+    torch.manual_seed(0)
+    model = ImageClassifier(create_cifar_model("resnet20", num_classes=10)).eval()
+    args = LookbehindTrainingArguments(
+        output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to="none", use_cpu=True
+    )
+    trainer = LookbehindTrainer(model=model, args=args)
+    pixels, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 3, 3, 9])
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"pixel_values": pixels, "labels": labels})
+        expected = F.cross_entropy(model(pixels)["logits"], labels, label_smoothing=0.1)
+    torch.testing.assert_close(loss, expected)
+
+
+def _run(shared_data: Path, output_dir: Path, *extra: str) -> dict:
+    cifar = shared_data / "cifar10"
+    main(
+        [
+            "--model_name", "resnet20",
+            "--train_path", str(cifar / "train.parquet"),
+            "--validation_path", str(cifar / "test.parquet"),
+            "--max_train_samples", "48",
+            "--max_eval_samples", "32",
+            "--num_train_epochs", "3",
+            "--per_device_train_batch_size", "16",
+            "--learning_rate", "0.05",
+            "--lr_decay_epochs", "1", "2",
+            "--logging_strategy", "steps",
+            "--logging_steps", "1",
+            "--save_strategy", "no",
+            "--dataloader_num_workers", "0",
+            "--report_to", "none",
+            "--seed", "0",
+            "--output_dir", str(output_dir),
+            *extra,
+        ]
+    )  # fmt: skip
+    return json.loads((output_dir / "all_results.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "method_flags",
+    [["--lookbehind_method", "none"], ["--lookbehind_method", "lookbehind", "--rho", "0.05"]],
+    ids=["sgd", "lookbehind"],
+)
+def test_short_run_learns_and_reports_final_and_best_accuracy(shared_data, tmp_path, method_flags):
+    results = _run(shared_data, tmp_path, *method_flags)
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+
+    losses = {}
+    for entry in history:
+        if "loss" in entry:
+            losses.setdefault(int((entry["epoch"] - 1e-9) // 1), []).append(entry["loss"])
+    first, last = (sum(losses[e]) / len(losses[e]) for e in (0, max(losses)))
+    assert last < 0.9 * first, f"training loss did not fall: {losses}"
+
+    # The multistep schedule: steps after epoch 1 run at x0.1, after epoch 2 at x0.01 (the log
+    # holds the learning rate each step used).
+    for entry in history:
+        if "learning_rate" in entry:
+            decays = sum(entry["epoch"] > milestone + 1e-9 for milestone in (1, 2))
+            assert entry["learning_rate"] == pytest.approx(0.05 * 0.1**decays)
+
+    evaluations = [entry["eval_accuracy"] for entry in history if "eval_accuracy" in entry]
+    assert len(evaluations) == 3  # one per epoch
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    assert results["eval_accuracy"] == pytest.approx(evaluations[-1])
+    assert results["best_eval_accuracy"] == pytest.approx(max(evaluations))
