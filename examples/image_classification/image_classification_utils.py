@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import ClassLabel, Dataset, DatasetDict, Image, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from sklearn.metrics import top_k_accuracy_score
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
+from hf_lookbehind.analysis.data import FILE_BUILDERS, column_of_type
+
 LABEL_COLUMNS = ("label", "labels", "fine_label")
-FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json"}
 
 
 @dataclass
@@ -118,18 +119,8 @@ def load_image_splits(args: DataArguments, seed: int) -> tuple[Dataset, Dataset]
 
 def image_and_label_columns(dataset: Dataset, args: DataArguments) -> tuple[str, str]:
     """The image and label column names: the flags, or detected from the features."""
-    image = args.image_column_name or next(
-        (name for name, feature in dataset.features.items() if isinstance(feature, Image)), None
-    )
-    label = args.label_column_name or next(
-        (name for name in LABEL_COLUMNS if name in dataset.column_names), None
-    )
-    for role, name in (("image", image), ("label", label)):
-        if name is None or name not in dataset.column_names:
-            raise ValueError(
-                f"no {role} column {name!r}; the dataset has {dataset.column_names} "
-                f"(set --{role}_column_name)"
-            )
+    image = column_of_type(dataset, "Image", args.image_column_name, ("img", "image"))
+    label = column_of_type(dataset, "ClassLabel", args.label_column_name, LABEL_COLUMNS)
     return image, label
 
 

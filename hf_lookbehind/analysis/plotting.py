@@ -1,0 +1,155 @@
+"""The paper's analysis figures, drawn with matplotlib's object-oriented API (``Figure`` and
+the Agg renderer, imported on first use; pyplot and the global backend are never touched).
+
+Every function saves a PNG to ``path`` and returns the ``Figure`` so that callers and tests can
+read back the plotted series.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .curves import Curve, TradeoffPoint
+from .noise import NoiseRobustnessResult
+from .sharpness import SharpnessResult
+from .sweep import SweepGrid
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+DPI = 100
+CURVE_TITLES = {
+    "lookbehind_alpha": "alpha",
+    "loss": "training loss",
+    "eval_loss": "eval loss",
+    "eval_accuracy": "eval accuracy",
+    "ascent_grad_norm": "ascent gradient norm",
+    "perturbation_distance": "perturbation distance",
+}
+
+
+def _figure(width: float, height: float) -> Figure:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+
+
+def _save(figure: Figure, path: str | Path) -> Figure:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=DPI)
+    return figure
+
+
+def _line_with_band(axes, x, mean, std, label: str) -> None:
+    (line,) = axes.plot(x, mean, marker="o", markersize=3, label=label)
+    low = [m - s for m, s in zip(mean, std)]
+    high = [m + s for m, s in zip(mean, std)]
+    axes.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+
+
+def plot_sharpness(results: Mapping[str, SharpnessResult], path: str | Path) -> Figure:
+    """Figure 3 style: m-sharpness against the radius r, one line per model (band: +- std over
+    minibatches)."""
+    figure = _figure(5, 3.5)
+    axes = figure.add_subplot()
+    for label, result in results.items():
+        _line_with_band(axes, result.radii, result.mean, result.std, label)
+    equations = {result.neighbourhood for result in results.values()}
+    name = {"sam": "eq. 5", "asam": "eq. 6 (ASAM)"}
+    axes.set_xlabel("radius r")
+    axes.set_ylabel(f"m-sharpness ({', '.join(name[e] for e in sorted(equations))})")
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_noise_robustness(results: Mapping[str, NoiseRobustnessResult], path: str | Path) -> Figure:
+    """Figure 4 style: accuracy against the noise level sigma, one line per model (band: +- std
+    over noise draws)."""
+    figure = _figure(5, 3.5)
+    axes = figure.add_subplot()
+    for label, result in results.items():
+        _line_with_band(axes, result.sigmas, result.accuracy_mean, result.accuracy_std, label)
+    axes.set_xlabel("noise level sigma  (w <- w * N(1, sigma^2))")
+    axes.set_ylabel("accuracy")
+    axes.legend()
+    return _save(figure, path)
+
+
+def plot_training_curves(runs: Mapping[str, Mapping[str, Curve]], path: str | Path) -> Figure:
+    """One panel per logged metric (alpha over training is Figure 10), one line per run."""
+    keys = [key for key in CURVE_TITLES if any(key in curves for curves in runs.values())]
+    keys += sorted({key for curves in runs.values() for key in curves} - set(keys))
+    if not keys:
+        raise ValueError("none of the runs logged a metric to plot")
+    columns = min(3, len(keys))
+    rows = math.ceil(len(keys) / columns)
+    figure = _figure(4 * columns, 3 * rows)
+    for index, key in enumerate(keys):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        for label, curves in runs.items():
+            if key in curves:
+                axes.plot(curves[key].steps, curves[key].values, label=label)
+        axes.set_title(CURVE_TITLES.get(key, key))
+        axes.set_xlabel("step")
+        axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_tradeoff(
+    points: Sequence[TradeoffPoint], path: str | Path, *, xlabel: str, ylabel: str
+) -> Figure:
+    """Figure 1 style: one labelled point per run, x = sharpness, y = loss or accuracy."""
+    figure = _figure(5, 4)
+    axes = figure.add_subplot()
+    axes.scatter([p.sharpness for p in points], [p.value for p in points])
+    for point in points:
+        axes.annotate(
+            point.label, (point.sharpness, point.value), xytext=(4, 4), textcoords="offset points"
+        )
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    return _save(figure, path)
+
+
+def plot_sweep_heatmap(grid: SweepGrid, path: str | Path) -> Figure:
+    """Figure 7 style: alpha (rows) x k (columns); the difference to the baseline when the grid
+    has one (diverging colours centred on 0), else the values themselves. Missing runs are
+    blank."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    relative = grid.baseline is not None
+    cells = grid.relative() if relative else grid.values
+    data = [[math.nan if v is None else v for v in row] for row in cells]
+    finite = [v for row in data for v in row if math.isfinite(v)]
+    figure = _figure(1.2 * len(grid.ks) + 2.5, 0.8 * len(grid.alphas) + 1.5)
+    axes = figure.add_subplot()
+    if relative and finite:
+        bound = max(abs(v) for v in finite) or 1.0
+        image = axes.imshow(
+            data, cmap="RdBu", norm=TwoSlopeNorm(vcenter=0.0, vmin=-bound, vmax=bound)
+        )
+    else:
+        image = axes.imshow(data, cmap="viridis")
+    for i, row in enumerate(data):
+        for j, value in enumerate(row):
+            if math.isfinite(value):
+                axes.text(
+                    j,
+                    i,
+                    f"{value:+.4f}" if relative else f"{value:.4f}",
+                    ha="center",
+                    va="center",
+                    fontsize="small",
+                )
+    axes.set_xticks(range(len(grid.ks)), [str(k) for k in grid.ks])
+    axes.set_yticks(range(len(grid.alphas)), grid.alphas)
+    axes.set_xlabel("k")
+    axes.set_ylabel("alpha")
+    title = f"{grid.metric} - baseline ({grid.baseline:.4f})" if relative else grid.metric
+    axes.set_title(title)
+    figure.colorbar(image, ax=axes)
+    return _save(figure, path)
