@@ -353,3 +353,73 @@ def test_arguments_parse_from_the_command_line(tmp_path):
     assert settings["minibatch_switching"] and settings["perturbation"] == "asam"
     engine = Lookbehind(torch.optim.SGD(make_model().parameters(), lr=0.1), **settings)
     assert engine.config["k"] == 5
+
+
+# ------------------------------------------------------------- compile and checkpointing
+def test_torch_compile_gives_the_same_trajectory(tmp_path):
+    """``--torch_compile`` (the aot_eager backend: dynamo and AOTAutograd without code
+    generation, so it runs fast on a CPU) with BatchNorm, whose statistics the engine freezes
+    after the first pass by toggling ``track_running_stats``."""
+    overrides = dict(MODES["switching"], torch_compile=True, torch_compile_backend="aot_eager")
+    compiled = make_trainer(tmp_path / "compiled", model=make_model(batchnorm=True), **overrides)
+    compiled.train()
+    eager = make_trainer(tmp_path / "eager", model=make_model(batchnorm=True), **MODES["switching"])
+    eager.train()
+    assert max_difference(compiled.model, eager.model) < 1e-10
+    for a, b in zip(compiled.model.buffers(), eager.model.buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-10)
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, length: int = 6, vocab: int = 40) -> None:
+        generator = torch.Generator().manual_seed(4)
+        self.ids = torch.randint(0, vocab, (n, length), generator=generator)
+        self.labels = torch.randint(0, 2, (n,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[index], "labels": self.labels[index]}
+
+
+def tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=2,
+    )
+    return BertForSequenceClassification(config).double()
+
+
+def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
+    """A ``PreTrainedModel`` with ``--gradient_checkpointing`` recomputes activations in every
+    backward of every pass; the weights must not notice."""
+    runs = []
+    for checkpointing in (False, True):
+        args = make_args(
+            tmp_path / str(checkpointing),
+            per_device_train_batch_size=8,
+            max_steps=4,
+            gradient_checkpointing=checkpointing,
+            lookbehind_alpha="adaptive",
+        )
+        model = tiny_bert()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer = InOrderTrainer(
+            model=model, args=args, train_dataset=TokenDataset(), optimizers=(optimizer, None)
+        )
+        trainer.train()
+        runs.append(trainer.model)
+    assert runs[1].is_gradient_checkpointing
+    assert max_difference(*runs) < 1e-10
+    assert max_difference(runs[0], tiny_bert()) > 1e-4
