@@ -43,6 +43,17 @@ def build(model, optimizer_name, perturbation, engine_kwargs, reference_kwargs):
     return engine, reference, reference_model
 
 
+def run_outer_steps(engine, model, reference, reference_model, k, *, same_batch):
+    """OUTER_STEPS outer steps of both: one minibatch for all k inner steps (one engine call),
+    or a new minibatch per inner step (k engine calls)."""
+    batches = make_batches(OUTER_STEPS * (1 if same_batch else k))
+    for outer in range(OUTER_STEPS):
+        cycle = [batches[outer]] * k if same_batch else batches[outer * k : (outer + 1) * k]
+        for batch in cycle[:1] if same_batch else cycle:
+            engine.step(closure_for(model, batch))
+        reference.step([closure_for(reference_model, batch) for batch in cycle])
+
+
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 @pytest.mark.parametrize("perturbation", ["sam", "asam"])
 @pytest.mark.parametrize(
@@ -54,9 +65,7 @@ def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, a
     model = make_model()
     kwargs = dict(k=k, alpha=alpha, rho=0.2, asam_eta=0.01, adaptive_scope=scope)
     engine, reference, reference_model = build(model, optimizer_name, perturbation, kwargs, kwargs)
-    for batch in make_batches(OUTER_STEPS):
-        engine.step(closure_for(model, batch))
-        reference.step([closure_for(reference_model, batch)] * k)
+    run_outer_steps(engine, model, reference, reference_model, k, same_batch=True)
     assert max_param_difference(model, reference_model) < TOLERANCE
     assert max_param_difference(model, make_model()) > 1e-3  # the weights did move
 
@@ -71,12 +80,7 @@ def test_minibatch_switching_matches_reference(optimizer_name, perturbation, alp
     engine, reference, reference_model = build(
         model, optimizer_name, perturbation, {**kwargs, "minibatch_switching": True}, kwargs
     )
-    batches = make_batches(OUTER_STEPS * k)
-    for outer in range(OUTER_STEPS):
-        cycle = batches[outer * k : (outer + 1) * k]
-        for batch in cycle:
-            engine.step(closure_for(model, batch))
-        reference.step([closure_for(reference_model, batch) for batch in cycle])
+    run_outer_steps(engine, model, reference, reference_model, k, same_batch=False)
     assert max_param_difference(model, reference_model) < TOLERANCE
 
 
@@ -89,9 +93,7 @@ def test_multistep_baselines_match_reference(method, perturbation, k):
     model = make_model()
     kwargs = dict(method=method, k=k, rho=0.2)
     engine, reference, reference_model = build(model, "sgd", perturbation, kwargs, kwargs)
-    for batch in make_batches(OUTER_STEPS):
-        engine.step(closure_for(model, batch))
-        reference.step([closure_for(reference_model, batch)] * k)
+    run_outer_steps(engine, model, reference, reference_model, k, same_batch=True)
     assert max_param_difference(model, reference_model) < TOLERANCE
 
 
@@ -102,12 +104,7 @@ def test_lookahead_matches_reference(perturbation, optimizer_name):
     k = 3
     kwargs = dict(method="lookahead", k=k, alpha=0.5, rho=0.2)
     engine, reference, reference_model = build(model, optimizer_name, perturbation, kwargs, kwargs)
-    batches = make_batches(OUTER_STEPS * k)
-    for outer in range(OUTER_STEPS):
-        cycle = batches[outer * k : (outer + 1) * k]
-        for batch in cycle:
-            engine.step(closure_for(model, batch))
-        reference.step([closure_for(reference_model, batch) for batch in cycle])
+    run_outer_steps(engine, model, reference, reference_model, k, same_batch=False)
     assert max_param_difference(model, reference_model) < TOLERANCE
 
 
@@ -140,14 +137,8 @@ def test_max_grad_norm_clips_every_descent_update(minibatch_switching):
         k=k,
         rho=0.2,
     )
-    batches = make_batches(OUTER_STEPS * k)
-    for outer in range(OUTER_STEPS):
-        cycle = batches[outer * k : (outer + 1) * k] if minibatch_switching else batches[:1] * k
-        if minibatch_switching:
-            for batch in cycle:
-                engine.step(closure_for(model, batch))
-        else:
-            engine.step(closure_for(model, cycle[0]))
-        reference.step([closure_for(reference_model, batch) for batch in cycle])
+    run_outer_steps(
+        engine, model, reference, reference_model, k, same_batch=not minibatch_switching
+    )
     assert max_param_difference(model, reference_model) < TOLERANCE
     assert float(engine.last_descent_grad_norm) > max_norm  # clipping was active
