@@ -402,7 +402,7 @@ def tiny_bert():
 
 
 def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
-    """A ``PreTrainedModel`` with ``--gradient_checkpointing`` recomputes activations in every
+    """A ``PreTrainedModel`` with ``--activation_checkpointing`` recomputes activations in every
     backward of every pass; the weights must not notice."""
     runs = []
     for checkpointing in (False, True):
@@ -410,7 +410,7 @@ def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
             tmp_path / str(checkpointing),
             per_device_train_batch_size=8,
             max_steps=4,
-            gradient_checkpointing=checkpointing,
+            activation_checkpointing=checkpointing,
             lookbehind_alpha="adaptive",
         )
         model = tiny_bert()
@@ -420,6 +420,6 @@ def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
         )
         trainer.train()
         runs.append(trainer.model)
-    assert runs[1].is_gradient_checkpointing
+    assert runs[1].is_activation_checkpointing
     assert max_difference(*runs) < 1e-10
     assert max_difference(runs[0], tiny_bert()) > 1e-4
