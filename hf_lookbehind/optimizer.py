@@ -225,6 +225,7 @@ class Lookbehind(torch.optim.Optimizer):
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
         self.last_descent_grad_norm: torch.Tensor | None = None
+        self._checked_norm: torch.Tensor | None = None
         self._init_run_state()
 
     # ----------------------------------------------------------------- configuration and state
@@ -369,7 +370,8 @@ class Lookbehind(torch.optim.Optimizer):
         nonfinite.logical_or_(~torch.isfinite(norm))
         keep = self._keep(grads[0].dtype)
         zero_nonfinite_(grads, keep)
-        return params, grads, scaled, torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
+        self._checked_norm = torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
+        return params, grads, scaled, self._checked_norm
 
     def _ascend(self, params, grads, scaled, norm) -> None:
         """``P <- P + eps(g)``. In same-batch mode a descent may have clipped ``g`` in place
@@ -400,8 +402,9 @@ class Lookbehind(torch.optim.Optimizer):
                 self.last_descent_grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, self.max_grad_norm, foreach=True
                 )
-            else:
-                self.last_descent_grad_norm = global_norm(grads)
+            else:  # the norm of these gradients, unless they were replaced since the check
+                checked = self._checked_norm
+                self.last_descent_grad_norm = global_norm(grads) if checked is None else checked
         self.base_optimizer.step()
 
     def _descend(self, *, record_first: bool = False) -> None:
@@ -428,8 +431,8 @@ class Lookbehind(torch.optim.Optimizer):
             weights = (alpha * keep).expand(len(params)).to(slow[0].dtype)
             torch._foreach_addcmul_(slow, fast, list(weights.unbind()))
         else:
-            alpha = torch.tensor(float(self.alpha), dtype=slow[0].dtype, device=slow[0].device)
-            lerp_(slow, fast, alpha * keep)
+            lerp_(slow, fast, keep * float(self.alpha))  # Python scalar x gate: no host copy
+            alpha = keep.new_full((), float(self.alpha))
         run[LAST_ALPHA] = alpha
         self._close_cycle()
 
@@ -563,6 +566,7 @@ class Lookbehind(torch.optim.Optimizer):
             torch._foreach_add_([self.lookbehind_state[p][GRAD_SUM] for p in params], grads)
 
     def _load_average_gradients(self) -> None:
+        self._checked_norm = None  # the averaged gradients are not the checked ones
         params = [p for p in self._params if p.grad is not None]
         for p in params:
             p.grad, self.lookbehind_state[p][GRAD_SUM] = self.lookbehind_state[p][GRAD_SUM], p.grad

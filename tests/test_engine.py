@@ -136,8 +136,8 @@ def test_persistent_buffers_in_parameter_copies(kwargs, buffers):
 
 
 def test_step_never_reads_a_tensor_on_the_host(monkeypatch):
-    """No .item(), bool(), float() or .tolist() on a tensor inside a step: on a GPU each would
-    be a host-device synchronisation."""
+    """No .item(), bool(), float() or .tolist() on a tensor, and no tensor built from host
+    values, inside a step: on a GPU each would be a host-device synchronisation."""
     model = make_model()
     engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()), k=3, alpha="adaptive")
     closure = closure_for(model, make_batches(1)[0])
@@ -148,6 +148,7 @@ def test_step_never_reads_a_tensor_on_the_host(monkeypatch):
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "tensor", forbidden)  # a host-to-device copy on a GPU
     for kwargs in (dict(), dict(minibatch_switching=True)):
         engine.step(closure)
         Lookbehind(OPTIMIZERS["sgd"](model.parameters()), k=2, **kwargs).step(closure)
