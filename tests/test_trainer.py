@@ -258,6 +258,20 @@ def test_bf16_autocast_on_cpu_stays_finite(tmp_path):
     )
 
 
+def test_the_trainer_drives_the_accelerators_grad_scaler(tmp_path):
+    """fp16 on a GPU gives the accelerator a GradScaler; the engine takes it over from the
+    wrapped optimizer and unscales every pass. Scales are powers of two, so in float64 the
+    trajectory equals the unscaled one exactly; the scale grows once per clean pass."""
+    trainer = make_trainer(tmp_path)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
+    trainer.train()
+    assert trainer.lookbehind.grad_scaler is trainer.accelerator.scaler
+    assert trainer.optimizer.scaler is None  # accelerate's own scaler step is switched off
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** (8 + 6 * 3 // 2)
+    expected = plain_loop(make_model(), 16, 6, **engine_kwargs({}))
+    assert max_difference(trainer.model, expected) < 1e-10
+
+
 def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     """The fp16 path on the CPU: every pass is unscaled and updates the scale; an injected inf
     in any pass leaves the slow weights untouched, and the scaler backs off."""
