@@ -147,7 +147,15 @@ class LookbehindTrainer(Trainer):
         base = super().create_optimizer(model)
         if not self.uses_lookbehind or isinstance(base, Lookbehind):
             return base
-        if self.args.perturbation == "asam" and self.args.asam_weights_only:
+        grouped = any("asam_scale" in group for group in base.param_groups)
+        if self.args.perturbation == "asam" and self.args.asam_weights_only and not grouped:
+            if self.lr_scheduler is not None:
+                raise ValueError(
+                    "--asam_weights_only regroups the optimizer's parameters, which the "
+                    "scheduler passed in `optimizers` was built on: give the optimizer groups "
+                    "with 'asam_scale' (hf_lookbehind.asam_param_groups) or set "
+                    "--asam_weights_only false"
+                )
             _split_for_asam(base, self.model)
         self.optimizer = _TrainerLookbehind(
             base,
@@ -182,11 +190,15 @@ class LookbehindTrainer(Trainer):
         engine = self.lookbehind
         if engine is None:
             return super().training_step(model, inputs, num_items_in_batch)
-        if not self._window or inputs is not self._window[-1]:
+        # The accumulation window the Trainer fetched for this step (a call from outside the
+        # training loop is a window of its own).
+        window = self._window if any(inputs is m for m in self._window) else [inputs]
+        if inputs is not window[-1]:
             # Earlier micro-batches of the window: replayed by every pass of the last call.
             return torch.zeros((), device=self.args.device)
+        self._window = []
         self._take_over_grad_scaler(engine)
-        window = [self._prepare_inputs(micro_batch) for micro_batch in self._window]
+        window = [self._prepare_inputs(micro_batch) for micro_batch in window]
 
         def closure() -> torch.Tensor:
             total = torch.zeros((), device=self.args.device)

@@ -25,7 +25,12 @@ from trainer_harness import (
 )
 from transformers import TrainingArguments
 
-from hf_lookbehind import Lookbehind, LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import (
+    Lookbehind,
+    LookbehindTrainer,
+    LookbehindTrainingArguments,
+    asam_param_groups,
+)
 from hf_lookbehind.trainer import _TrainerLookbehind
 
 HARNESS = Path(__file__).with_name("trainer_harness.py")
@@ -107,6 +112,57 @@ def test_trainer_built_optimizer_and_label_smoothing(tmp_path, label_smoothing):
     tolerance = 1e-6 if label_smoothing else 1e-10
     assert max_difference(trainer.model, plain_adamw_loop(label_smoothing)) < tolerance
     assert max_difference(trainer.model, plain_adamw_loop(0.3 - label_smoothing)) > 1e-4
+
+
+def test_asam_rescales_only_weights_by_default(tmp_path):
+    """``--perturbation asam`` with the default ``--asam_weights_only`` splits the Trainer's
+    parameter groups the way the public ASAM code does (names containing ``weight``)."""
+    trainer = make_trainer(tmp_path, perturbation="asam", rho=0.5)
+    trainer.train()
+    flags = {
+        name: group["asam_scale"]
+        for group in trainer.lookbehind.param_groups
+        for name, p in trainer.model.named_parameters()
+        if any(p is q for q in group["params"])
+    }
+    assert flags == {"fc1.weight": True, "fc1.bias": False, "fc2.weight": True, "fc2.bias": False}
+    model = make_model()
+    engine = Lookbehind(
+        torch.optim.SGD(asam_param_groups(model), lr=0.1, momentum=0.9),
+        k=2,
+        rho=0.5,
+        perturbation="asam",
+    )
+    dataset = ToyDataset()
+    for step in range(6):
+        x, y = dataset.x[(step % 4) * 16 :][:16], dataset.y[(step % 4) * 16 :][:16]
+        engine.step(lambda x=x, y=y: model(x, labels=y)["loss"].backward())
+    assert max_difference(trainer.model, model) < 1e-10
+
+
+def test_asam_regrouping_refuses_a_scheduler_built_on_the_old_groups(tmp_path):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=2)
+    trainer = InOrderTrainer(
+        model=model,
+        args=make_args(tmp_path, perturbation="asam"),
+        train_dataset=ToyDataset(),
+        optimizers=(optimizer, scheduler),
+    )
+    with pytest.raises(ValueError, match="asam_param_groups"):
+        trainer.train()
+
+
+def test_training_step_outside_the_training_loop_trains(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # what the Trainer's loop sets per step
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    batch = {"x": ToyDataset().x[:16], "labels": ToyDataset().y[:16]}
+    loss = trainer.training_step(trainer.model, batch)
+    assert loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 
 @pytest.mark.parametrize("mode", ["same_batch", "switching"])
