@@ -392,12 +392,11 @@ class Lookbehind(torch.optim.Optimizer):
         return (~self.param_groups[0][CYCLE_NONFINITE]).to(dtype)
 
     def base_update(self) -> None:
-        """Apply the base optimizer to the parameters with the current gradients: zeroed if
-        the outer step saw a non-finite gradient, then clipped to ``max_grad_norm``. This is
-        the only place where descent happens."""
+        """Apply the base optimizer to the parameters with the current gradients (already
+        zeroed by the check if the outer step saw a non-finite gradient), clipped to
+        ``max_grad_norm``. This is the only place where descent happens."""
         params, grads, _ = self._gradients()
         if grads:
-            torch._foreach_mul_(grads, self._keep(grads[0].dtype))
             if self.max_grad_norm is not None:
                 self.last_descent_grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, self.max_grad_norm, foreach=True
@@ -571,4 +570,7 @@ class Lookbehind(torch.optim.Optimizer):
         for p in params:
             p.grad, self.lookbehind_state[p][GRAD_SUM] = self.lookbehind_state[p][GRAD_SUM], p.grad
         if params:
-            torch._foreach_div_([p.grad for p in params], float(self.k))
+            average = [p.grad for p in params]
+            torch._foreach_div_(average, float(self.k))
+            # Passes before a non-finite one were summed unzeroed: gate the average too.
+            torch._foreach_mul_(average, self._keep(average[0].dtype))
