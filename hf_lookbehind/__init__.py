@@ -12,6 +12,7 @@ from .param_groups import asam_param_groups
 
 __all__ = [
     "METHODS",
+    "EpochTimer",
     "Lookbehind",
     "LookbehindTrainer",
     "LookbehindTrainingArguments",
@@ -21,6 +22,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 _TRAINER_LAYER = {
+    "EpochTimer": ".callbacks",
     "LookbehindTrainer": ".trainer",
     "LookbehindTrainingArguments": ".training_args",
 }

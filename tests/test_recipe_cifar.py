@@ -31,6 +31,7 @@ from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 REFERENCE_PARAMETERS = {
     "resnet20": 269_722,
     "resnet56": 853_018,
+    "resnet18": 11_173_962,
     "resnet34": 21_282_122,
     "resnet50": 23_520_842,
     "wrn28_2": 1_467_610,
@@ -58,8 +59,8 @@ def test_cifar_resnet_keeps_resolution_to_a_4x4_last_stage():
 
 
 def test_unknown_model_name_is_rejected():
-    with pytest.raises(ValueError, match="unknown CIFAR model 'resnet18'; allowed: resnet20"):
-        create_cifar_model("resnet18", 10)
+    with pytest.raises(ValueError, match="unknown CIFAR model 'resnet101'; allowed: resnet20"):
+        create_cifar_model("resnet101", 10)
     assert set(CIFAR_MODELS) == set(REFERENCE_PARAMETERS)
 
 
@@ -183,3 +184,7 @@ def test_short_run_learns_and_reports_final_and_best_accuracy(shared_data, tmp_p
     assert 0.0 <= results["eval_accuracy"] <= 1.0
     assert results["eval_accuracy"] == pytest.approx(evaluations[-1])
     assert results["best_eval_accuracy"] == pytest.approx(max(evaluations))
+
+    epoch_seconds = [e["train_epoch_seconds"] for e in history if "train_epoch_seconds" in e]
+    assert len(epoch_seconds) == 3 and min(epoch_seconds) > 0
+    assert results["train_seconds_per_epoch"] == pytest.approx(sum(epoch_seconds[1:]) / 2)

@@ -91,3 +91,5 @@ def test_short_vit_run_learns_and_reports_top1_top5(shared_data, tmp_path):
     assert results["best_eval_accuracy"] == pytest.approx(
         max([*top1_history, results["eval_top1"]])
     )
+    epoch_seconds = [e["train_epoch_seconds"] for e in history if "train_epoch_seconds" in e]
+    assert results["train_seconds_per_epoch"] == pytest.approx(sum(epoch_seconds[1:]) / 2)

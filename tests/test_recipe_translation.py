@@ -226,6 +226,7 @@ def test_smoke_run_trains_and_reports_bleu(shared_data, tmp_path, method):
     assert written["eval_sacrebleu_signature"].startswith("nrefs:1|")
     assert math.isfinite(written["eval_loss"])
     assert written["eval_samples"] == 12 and written["test_samples"] == 6
+    assert written["train_seconds_per_epoch"] > 0
     generations = (tmp_path / "eval_generations.txt").read_text().splitlines()
     assert len(generations) == 12
 

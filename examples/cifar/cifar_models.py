@@ -4,7 +4,7 @@
   identity), with state-dict keys that load the pretrained checkpoints in
   ``shared/data/pretrained_cifar10_resnet`` (keys prefixed ``module.``, no
   ``num_batches_tracked``).
-- ResNet-34/50 as in the Lookbehind-SAM code (the kuangliu CIFAR ResNet): torchvision's ResNet
+- ResNet-18/34/50 as in the Lookbehind-SAM code (the kuangliu CIFAR ResNet): torchvision's ResNet
   with a 3x3 stride-1 stem and no max-pool, so the 32x32 input reaches the last stage at 4x4.
 - WRN-28-2 and WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation wide basic blocks.
 
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet
+from torchvision.models import resnet18 as torchvision_resnet18
 from torchvision.models import resnet34 as torchvision_resnet34
 from torchvision.models import resnet50 as torchvision_resnet50
 
@@ -92,6 +93,10 @@ def cifar_stem(model: ResNet) -> ResNet:
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
     model.maxpool = nn.Identity()
     return model
+
+
+def resnet18(num_classes: int = 10) -> ResNet:
+    return cifar_stem(torchvision_resnet18(num_classes=num_classes))
 
 
 def resnet34(num_classes: int = 10) -> ResNet:
@@ -167,6 +172,7 @@ def wrn28_10(num_classes: int = 10) -> WideResNet:
 CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
     "resnet20": resnet20,
     "resnet56": resnet56,
+    "resnet18": resnet18,
     "resnet34": resnet34,
     "resnet50": resnet50,
     "wrn28_2": wrn28_2,

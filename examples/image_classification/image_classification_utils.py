@@ -17,6 +17,7 @@ from sklearn.metrics import top_k_accuracy_score
 from torch import nn
 from transformers import EvalPrediction, Trainer, TrainingArguments
 
+from hf_lookbehind import EpochTimer
 from hf_lookbehind.analysis.data import FILE_BUILDERS, column_of_type
 
 LABEL_COLUMNS = ("label", "labels", "fine_label")
@@ -181,16 +182,20 @@ def track_best_accuracy(training_args: TrainingArguments) -> None:
 
 def train_and_evaluate(trainer: Trainer, training_args: TrainingArguments) -> dict[str, float]:
     """Train (``--do_train``), evaluate the final (slow) weights (``--do_eval``) and write the
-    metrics: ``all_results.json`` holds ``eval_accuracy`` (final) and ``best_eval_accuracy``
-    (best over the evaluations during training and the final one)."""
+    metrics: ``all_results.json`` holds ``eval_accuracy`` (final), ``best_eval_accuracy``
+    (best over the evaluations during training and the final one) and
+    ``train_seconds_per_epoch`` (:class:`hf_lookbehind.EpochTimer`)."""
     metrics: dict[str, float] = {}
     if training_args.do_train:
+        timer = EpochTimer()
+        trainer.add_callback(timer)
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
+        train_metrics = {**result.metrics, "train_seconds_per_epoch": timer.seconds_per_epoch()}
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
         trainer.save_state()
-        metrics.update(result.metrics)
+        metrics.update(train_metrics)
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
         best_during_training = trainer.state.best_metric

@@ -46,7 +46,7 @@ from translation_model import (
 )
 from translation_vocab import BPE_FILE, JointBpeVocabularies
 
-from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import EpochTimer, LookbehindTrainer, LookbehindTrainingArguments
 
 logger = logging.getLogger(__name__)
 
@@ -297,9 +297,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     if training_args.do_train:
+        timer = EpochTimer()
+        trainer.add_callback(timer)
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
-        metrics = {**train_result.metrics, "train_samples": len(train_dataset)}
+        metrics = {
+            **train_result.metrics,
+            "train_samples": len(train_dataset),
+            "train_seconds_per_epoch": timer.seconds_per_epoch(),
+        }
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
