@@ -11,6 +11,10 @@ weights are reported.
 
 ``--model_config '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2,
 "num_heads": 2}'`` builds a small randomly initialised ViT instead (no download).
+``--model_library transformers --model_name_or_path google/vit-base-patch16-224`` fine-tunes a
+``transformers`` image classifier (hub id or local directory) with its image processor's
+size, mean and std; the output directory then holds the model and processor for
+``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from typing import Any
 import timm
 import torch
 from datasets import Dataset
+from PIL.Image import Resampling
 from timm.data import create_transform, resolve_data_config
-from transformers import HfArgumentParser, set_seed
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    BaseImageProcessor,
+    HfArgumentParser,
+    set_seed,
+)
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 
@@ -71,11 +82,22 @@ PAPER_DEFAULTS = {
 }
 
 
+MODEL_LIBRARIES = ("timm", "transformers")
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(
         default="vit_base_patch16_224.orig_in21k_ft_in1k",
-        metadata={"help": "timm model name (weights from the hub unless --model_config is set)."},
+        metadata={
+            "help": "timm model name (weights from the hub unless --model_config is set), or with "
+            "--model_library transformers a hub id or local directory of an image classifier "
+            "(e.g. google/vit-base-patch16-224)."
+        },
+    )
+    model_library: str = field(
+        default="timm",
+        metadata={"help": "Which library builds the model.", "choices": list(MODEL_LIBRARIES)},
     )
     model_checkpoint: str | None = field(
         default=None, metadata={"help": "Local timm checkpoint file to load instead of the hub's."}
@@ -87,6 +109,23 @@ class ModelArguments:
             "override the architecture; the model is then randomly initialised, not downloaded."
         },
     )
+
+    def __post_init__(self) -> None:
+        if self.model_library not in MODEL_LIBRARIES:
+            raise ValueError(
+                f"--model_library must be one of {', '.join(MODEL_LIBRARIES)}, "
+                f"got {self.model_library!r}"
+            )
+        timm_only = {
+            "--model_config": self.model_config,
+            "--model_checkpoint": self.model_checkpoint,
+        }
+        given = [flag for flag, value in timm_only.items() if value is not None]
+        if self.model_library != "timm" and given:
+            raise ValueError(
+                f"{' and '.join(given)} build timm models; with --model_library "
+                f"{self.model_library} give a hub id or a local directory as --model_name_or_path"
+            )
 
 
 @dataclass
@@ -113,7 +152,10 @@ def architecture_overrides(model_config: str | None) -> dict[str, Any]:
     return overrides
 
 
-def create_model(model_args: ModelArguments, classes: int) -> tuple[torch.nn.Module, dict]:
+Transform = Callable[[Any], torch.Tensor]
+
+
+def create_timm_model(model_args: ModelArguments, classes: int) -> tuple[torch.nn.Module, dict]:
     """The timm model and its preprocessing config (input size, interpolation, crop, mean/std)."""
     overrides = architecture_overrides(model_args.model_config)
     if model_args.model_checkpoint is not None:
@@ -125,6 +167,49 @@ def create_model(model_args: ModelArguments, classes: int) -> tuple[torch.nn.Mod
     if "img_size" in overrides:  # the registered config still names the original size
         data_overrides["input_size"] = (3, *timm.layers.to_2tuple(overrides["img_size"]))
     return model, resolve_data_config(data_overrides, model=model)
+
+
+def processor_data_config(processor: BaseImageProcessor) -> dict[str, Any]:
+    """The timm data config (input size, interpolation, mean/std) of a transformers image
+    processor, for the training augmentation (random resized crop and flip) at its size."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    if size.get("height") is not None:
+        height, width = size["height"], size["width"]
+    else:
+        height = width = size["shortest_edge"]
+    return {
+        "input_size": (3, height, width),
+        "interpolation": Resampling(processor.resample).name.lower(),
+        "mean": tuple(processor.image_mean),
+        "std": tuple(processor.image_std),
+    }
+
+
+def create_model(
+    model_args: ModelArguments, classes: int
+) -> tuple[torch.nn.Module, Transform, Transform, BaseImageProcessor | None]:
+    """The model the Trainer trains, its training and evaluation transforms, and (transformers
+    models) the image processor to save with it. timm models use timm's transforms of their
+    data config; transformers models evaluate through their own image processor and train on
+    random resized crops and flips at its size, mean and std."""
+    if model_args.model_library == "timm":
+        model, data_config = create_timm_model(model_args, classes)
+        return (
+            ImageClassifier(model),
+            create_transform(**data_config, is_training=True),
+            create_transform(**data_config, is_training=False),
+            None,
+        )
+    model = AutoModelForImageClassification.from_pretrained(
+        model_args.model_name_or_path, num_labels=classes, ignore_mismatched_sizes=True
+    )
+    processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+
+    def evaluation_transform(image: Any) -> torch.Tensor:
+        return processor(image, return_tensors="pt")["pixel_values"][0]
+
+    train_transform = create_transform(**processor_data_config(processor), is_training=True)
+    return model, train_transform, evaluation_transform, processor
 
 
 def with_preprocessing(
@@ -148,16 +233,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
     image_column, label_column = image_and_label_columns(train_split, data_args)
-    model, data_config = create_model(model_args, num_classes(train_split, label_column))
-    train_transform = create_transform(**data_config, is_training=True)
-    eval_transform = create_transform(**data_config, is_training=False)
+    model, train_transform, eval_transform, processor = create_model(
+        model_args, num_classes(train_split, label_column)
+    )
 
     trainer = LookbehindTrainer(
-        model=ImageClassifier(model),
+        model=model,
         args=training_args,
         train_dataset=with_preprocessing(train_split, image_column, label_column, train_transform),
         eval_dataset=with_preprocessing(eval_split, image_column, label_column, eval_transform),
         compute_metrics=top_k_accuracy((1, 5)),
+        processing_class=processor,
     )
     return train_and_evaluate(trainer, training_args)
 
