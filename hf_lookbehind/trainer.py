@@ -25,6 +25,7 @@ touching slow or fast weights, like any non-finite gradient.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -128,6 +129,14 @@ class LookbehindTrainer(Trainer):
             )
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError(UNSUPPORTED_SHARDING)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and self.args.world_size == 1:
+            raise ValueError(
+                f"launched as {launched} processes (WORLD_SIZE={launched}), but the Trainer "
+                "set itself up as a single process, so every process would train on the whole "
+                "dataset on its own. On a machine without GPUs pass --use_cpu (DDP over gloo); "
+                "otherwise check that every process sees its GPU."
+            )
         self._window: list[dict[str, Any]] = []
 
     # -------------------------------------------------------------------------- optimizer

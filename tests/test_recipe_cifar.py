@@ -5,6 +5,9 @@ real CIFAR-10 images."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image
 
 from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images, random_crop_flip
 from cifar_models import CIFAR_MODELS, create_cifar_model
-from image_classification_utils import ImageClassifier
-from run_cifar import main
+from image_classification_utils import ImageClassifier, load_image_splits
+from run_cifar import CifarDataArguments, cifar_dataset, main
+from safetensors.torch import load_file
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 
@@ -188,3 +192,57 @@ def test_short_run_learns_and_reports_final_and_best_accuracy(shared_data, tmp_p
     epoch_seconds = [e["train_epoch_seconds"] for e in history if "train_epoch_seconds" in e]
     assert len(epoch_seconds) == 3 and min(epoch_seconds) > 0
     assert results["train_seconds_per_epoch"] == pytest.approx(sum(epoch_seconds[1:]) / 2)
+
+
+@pytest.mark.slow
+def test_two_process_run_shards_and_saves_the_evaluated_model(shared_data, tmp_path):
+    """``accelerate launch`` with the repository's multi-GPU config (2 gloo processes): the
+    distributed run shards the data, and the saved model is the one the distributed evaluation
+    scored: re-evaluated in one process it gives the same accuracy and loss. (64 test images in
+    full batches of 16: with a remainder, accelerate pads the last batch with images from the
+    start and the Trainer's loss of that batch, a batch mean, includes them.)"""
+    root = Path(__file__).resolve().parents[1]
+    cifar = shared_data / "cifar10"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    data_flags = [
+        "--train_path", str(cifar / "train.parquet"),
+        "--validation_path", str(cifar / "test.parquet"),
+        "--max_train_samples", "64",
+        "--max_eval_samples", "64",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(root / "examples" / "accelerate_configs" / "multi_gpu.yaml"),
+        "--num_processes", "2", "--main_process_port", port,
+        str(root / "examples" / "cifar" / "run_cifar.py"),
+        "--model_name", "resnet20", *data_flags,
+        "--num_train_epochs", "2",
+        "--per_device_train_batch_size", "8",
+        "--per_device_eval_batch_size", "16",
+        "--lookbehind_method", "lookbehind", "--rho", "0.05",
+        "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--use_cpu", "True", "--seed", "0", "--output_dir", str(tmp_path),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = json.loads((tmp_path / "all_results.json").read_text())
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 * 64 // 16  # the global batch is 2 x 8
+
+    data_args = CifarDataArguments(
+        train_path=data_flags[1], validation_path=data_flags[3], max_eval_samples=64
+    )
+    evaluation = cifar_dataset(load_image_splits(data_args, seed=0)[1], data_args, 10, False)
+    batch = evaluation.__getitems__(list(range(len(evaluation))))
+    pixels = torch.stack([example["pixel_values"] for example in batch])
+    labels = torch.stack([example["labels"] for example in batch])
+    model = ImageClassifier(create_cifar_model("resnet20", num_classes=10))
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        logits = model.eval()(pixels)["logits"]
+    assert len(labels) == 64
+    assert results["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).double().mean())
+    assert results["eval_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)

@@ -400,6 +400,16 @@ def test_trainer_needs_lookbehind_arguments(tmp_path):
         )
 
 
+def test_a_launch_the_trainer_would_not_shard_is_rejected(tmp_path, monkeypatch):
+    """``accelerate launch --multi_gpu`` on a machine without GPUs and without ``--use_cpu``:
+    each process sets itself up alone (world size 1) and would train on everything."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = make_args(tmp_path, use_cpu=False)
+    assert args.world_size == 1
+    with pytest.raises(ValueError, match=r"launched as 2 processes .* pass --use_cpu"):
+        LookbehindTrainer(model=make_model(), args=args, train_dataset=ToyDataset())
+
+
 def test_arguments_parse_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
