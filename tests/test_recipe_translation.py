@@ -6,7 +6,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -251,3 +254,50 @@ def test_run_rejects_unknown_split_and_ambiguous_data(shared_data, tmp_path):
         main([data_dir, output_dir, "--do_train"])
     with pytest.raises(ValueError, match="exactly one of --data_dir and --dataset_name"):
         main([data_dir, output_dir, "--dataset_name=x"])
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_scores_each_sentence_once(shared_data, tmp_path):
+    """Trained in two gloo processes (``accelerate launch`` with the repository's multi-GPU
+    config), with evaluation batches that leave the second process a padded shard: the recipe
+    translates each evaluation and test sentence once, exactly as one process evaluating the
+    saved model does."""
+    root = Path(__file__).resolve().parents[1]
+    two, one = tmp_path / "two", tmp_path / "one"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(root / "examples" / "accelerate_configs" / "multi_gpu.yaml"),
+        "--num_processes", "2", "--main_process_port", port,
+        str(root / "examples" / "translation" / "run_translation.py"),
+    ]  # fmt: skip
+    batches = "--per_device_eval_batch_size=4"  # 12 sentences: 3 batches for 2 processes
+    result = subprocess.run(
+        [*launch, *smoke_argv(shared_data, two, "--lookbehind_method=lookbehind", batches)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    distributed = json.loads((two / "all_results.json").read_text())
+
+    single = main(
+        smoke_argv(
+            shared_data,
+            one,
+            batches,
+            "--do_train=False",
+            f"--model_name_or_path={two}",
+            f"--subword_dir={two / 'subwords'}",
+        )
+    )
+    for split, count in (("eval", 12), ("test", 6)):
+        lines = (two / f"{split}_generations.txt").read_text().splitlines()
+        assert len(lines) == count == distributed[f"{split}_samples"]
+        assert lines == (one / f"{split}_generations.txt").read_text().splitlines()
+        for key in ("bleu", "sacrebleu", "gen_len"):
+            assert distributed[f"{split}_{key}"] == single[f"{split}_{key}"]
+    assert distributed["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-6)

@@ -29,6 +29,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     set_seed,
 )
+from transformers.trainer_utils import EvalLoopOutput
 from translation_batching import TokenBudgetBatchSampler
 from translation_bleu import TranslationMetrics
 from translation_data import (
@@ -152,6 +153,13 @@ class TranslationTrainer(LookbehindTrainer, Seq2SeqTrainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> EvalLoopOutput:
+        # Seq2SeqTrainer.evaluate/predict gather with accelerate's plain ``gather``, which under
+        # DDP keeps the examples that pad the last batches to equal shards, so the metrics would
+        # see more translations than references. Drop them, as the base Trainer does.
+        self.gather_function = self.accelerator.gather_for_metrics
+        return super().evaluation_loop(*args, **kwargs)
 
 
 def load_parallel_text(data_args: DataArguments) -> DatasetDict:
