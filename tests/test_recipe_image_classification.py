@@ -66,15 +66,16 @@ def test_model_config_must_be_a_json_object():
         architecture_overrides("[2]")
 
 
-def test_short_vit_run_learns_and_reports_top1_top5(shared_data, tmp_path):
+def _run_short(shared_data: Path, output_dir: Path, *model_flags: str) -> None:
+    """3 epochs on 160 images of the shared sample, evaluated on 64 of them."""
     folder = str(shared_data / "imagenet_sample" / "val")
     main(
         [
+            *model_flags,
             "--train_path", folder,
             "--validation_path", folder,
             "--max_train_samples", "160",
             "--max_eval_samples", "64",
-            "--model_config", TINY_VIT,
             "--num_train_epochs", "3",
             "--per_device_train_batch_size", "16",
             "--learning_rate", "0.1",
@@ -84,9 +85,13 @@ def test_short_vit_run_learns_and_reports_top1_top5(shared_data, tmp_path):
             "--dataloader_num_workers", "0",
             "--report_to", "none",
             "--seed", "0",
-            "--output_dir", str(tmp_path),
+            "--output_dir", str(output_dir),
         ]
     )  # fmt: skip
+
+
+def test_short_vit_run_learns_and_reports_top1_top5(shared_data, tmp_path):
+    _run_short(shared_data, tmp_path, "--model_config", TINY_VIT)
     results = json.loads((tmp_path / "all_results.json").read_text())
     history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
 
@@ -158,27 +163,11 @@ def test_timm_only_flags_are_rejected_for_transformers_models():
 def test_short_transformers_vit_run_saves_a_loadable_classifier(shared_data, tmp_path):
     pretrained, output_dir = tmp_path / "pretrained", tmp_path / "out"
     _save_tiny_transformers_vit(pretrained)
-    folder = str(shared_data / "imagenet_sample" / "val")
-    main(
-        [
-            "--model_library", "transformers",
-            "--model_name_or_path", str(pretrained),
-            "--train_path", folder,
-            "--validation_path", folder,
-            "--max_train_samples", "160",
-            "--max_eval_samples", "64",
-            "--num_train_epochs", "3",
-            "--per_device_train_batch_size", "16",
-            "--learning_rate", "0.1",
-            "--warmup_steps", "0",
-            "--logging_steps", "1",
-            "--save_strategy", "no",
-            "--dataloader_num_workers", "0",
-            "--report_to", "none",
-            "--seed", "0",
-            "--output_dir", str(output_dir),
-        ]
-    )  # fmt: skip
+    _run_short(
+        shared_data,
+        output_dir,
+        *("--model_library", "transformers", "--model_name_or_path", str(pretrained)),
+    )
     results = json.loads((output_dir / "all_results.json").read_text())
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -186,6 +175,7 @@ def test_short_transformers_vit_run_saves_a_loadable_classifier(shared_data, tmp
 
     # The output directory is a complete classifier: reloaded with its processor, it scores the
     # evaluation images as the final evaluation did (the slow weights were saved).
+    folder = str(shared_data / "imagenet_sample" / "val")
     model = AutoModelForImageClassification.from_pretrained(output_dir).eval()
     processor = AutoImageProcessor.from_pretrained(output_dir)
     args = DataArguments(train_path=folder, validation_path=folder, max_eval_samples=64)
