@@ -5,9 +5,6 @@ real CIFAR-10 images."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +23,7 @@ from cifar_models import CIFAR_MODELS, create_cifar_model
 from image_classification_utils import ImageClassifier, load_image_splits
 from run_cifar import CifarDataArguments, cifar_dataset, main
 from safetensors.torch import load_file
+from two_processes import run_two_processes
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 
@@ -203,31 +201,24 @@ def test_two_process_run_shards_and_saves_the_evaluated_model(shared_data, tmp_p
     start and the Trainer's loss of that batch, a batch mean, includes them.)"""
     root = Path(__file__).resolve().parents[1]
     cifar = shared_data / "cifar10"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
     data_flags = [
         "--train_path", str(cifar / "train.parquet"),
         "--validation_path", str(cifar / "test.parquet"),
         "--max_train_samples", "64",
         "--max_eval_samples", "64",
     ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(root / "examples" / "accelerate_configs" / "multi_gpu.yaml"),
-        "--num_processes", "2", "--main_process_port", port,
-        str(root / "examples" / "cifar" / "run_cifar.py"),
-        "--model_name", "resnet20", *data_flags,
-        "--num_train_epochs", "2",
-        "--per_device_train_batch_size", "8",
-        "--per_device_eval_batch_size", "16",
-        "--lookbehind_method", "lookbehind", "--rho", "0.05",
-        "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
-        "--use_cpu", "True", "--seed", "0", "--output_dir", str(tmp_path),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes(
+        root / "examples" / "cifar" / "run_cifar.py",
+        [
+            "--model_name", "resnet20", *data_flags,
+            "--num_train_epochs", "2",
+            "--per_device_train_batch_size", "8",
+            "--per_device_eval_batch_size", "16",
+            "--lookbehind_method", "lookbehind", "--rho", "0.05",
+            "--save_strategy", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+            "--use_cpu", "True", "--seed", "0", "--output_dir", str(tmp_path),
+        ],
+    )  # fmt: skip
     results = json.loads((tmp_path / "all_results.json").read_text())
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 2 * 64 // 16  # the global batch is 2 x 8

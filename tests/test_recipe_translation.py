@@ -6,16 +6,14 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import random
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import sacrebleu
 from transformers import MarianMTModel
+from two_processes import run_two_processes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "translation"))
 
@@ -264,24 +262,11 @@ def test_two_process_evaluation_scores_each_sentence_once(shared_data, tmp_path)
     saved model does."""
     root = Path(__file__).resolve().parents[1]
     two, one = tmp_path / "two", tmp_path / "one"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(root / "examples" / "accelerate_configs" / "multi_gpu.yaml"),
-        "--num_processes", "2", "--main_process_port", port,
-        str(root / "examples" / "translation" / "run_translation.py"),
-    ]  # fmt: skip
     batches = "--per_device_eval_batch_size=4"  # 12 sentences: 3 batches for 2 processes
-    result = subprocess.run(
-        [*launch, *smoke_argv(shared_data, two, "--lookbehind_method=lookbehind", batches)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
+    run_two_processes(
+        root / "examples" / "translation" / "run_translation.py",
+        smoke_argv(shared_data, two, "--lookbehind_method=lookbehind", batches),
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     distributed = json.loads((two / "all_results.json").read_text())
 
     single = main(

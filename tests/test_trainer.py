@@ -4,11 +4,7 @@ resume, mixed precision, logging and bad flags (CPU, float64 where exactness is 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +20,7 @@ from trainer_harness import (
     plain_loop,
 )
 from transformers import TrainingArguments
+from two_processes import run_two_processes
 
 from hf_lookbehind import (
     Lookbehind,
@@ -34,7 +31,6 @@ from hf_lookbehind import (
 from hf_lookbehind.trainer import _TrainerLookbehind
 
 HARNESS = Path(__file__).with_name("trainer_harness.py")
-MULTI_GPU_CONFIG = HARNESS.parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 
 MODES = {
     "same_batch": dict(lookbehind_k=2),
@@ -212,27 +208,15 @@ def test_method_none_is_the_plain_trainer(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ DDP
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_two_processes(output_dir: Path, overrides: dict, launcher: str) -> list[dict]:
     """Run the harness in two gloo processes with ``torchrun`` or ``accelerate launch`` (with
     the repository's multi-GPU config); return each rank's final weights."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HARNESS.parent)}
-    port = str(free_port())
-    if launcher == "torchrun":
-        prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    else:
-        prefix = [
-            "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
-            "--num_processes", "2", "--main_process_port", port,
-        ]  # fmt: skip
-    command = [sys.executable, *prefix, str(HARNESS), str(output_dir), json.dumps(overrides)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    run_two_processes(
+        HARNESS,
+        [str(output_dir), json.dumps(overrides)],
+        launcher,
+        env={"PYTHONPATH": str(HARNESS.parent)},
+    )
     return [json.loads((output_dir / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
 
 

@@ -1,0 +1,40 @@
+"""Launching a script in two gloo processes on the CPU for the distributed tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+MULTI_GPU_CONFIG = (
+    Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_two_processes(
+    script: Path, args: Sequence[str], launcher: str = "accelerate", env: dict | None = None
+) -> None:
+    """Run ``script args`` in two processes (one thread each) with ``torchrun`` or ``accelerate
+    launch`` and the repository's multi-GPU config, on a free port; fail with the tail of its
+    stderr."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    else:
+        prefix = [
+            "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
+            "--num_processes", "2", "--main_process_port", port,
+        ]  # fmt: skip
+    command = [sys.executable, *prefix, str(script), *args]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
