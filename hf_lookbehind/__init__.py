@@ -7,8 +7,9 @@ The core (:class:`Lookbehind`) needs only torch. The Trainer layer (``Lookbehind
 from typing import Any
 
 from .alpha import adaptive_alpha
-from .optimizer import METHODS, Lookbehind
+from .optimizer import Lookbehind
 from .param_groups import asam_param_groups
+from .settings import METHODS
 
 __all__ = [
     "METHODS",

@@ -39,32 +39,23 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-from .alpha import ADAPTIVE_SCOPES, adaptive_alpha
-from .batchnorm import BATCHNORM_UPDATES, batchnorm_modules, frozen_running_stats
-from .multi_tensor import (
-    copy_into_buffers,
-    global_norm,
-    lerp_,
-    swap_storage,
-    zero_nonfinite_,
-)
-from .perturbation import PERTURBATIONS, ascend_
+from .alpha import adaptive_alpha
+from .batchnorm import batchnorm_modules, frozen_running_stats
+from .multi_tensor import copy_into_buffers, global_norm, lerp_, swap_storage, zero_nonfinite_
+from .perturbation import ascend_
+from .schedules import BUFFERS, FAST, FIRST_FAST, schedule_for
+from .settings import METHODS, validate_settings
 
-METHODS = ("lookbehind", "sam", "multistep", "multistep_avg", "lookahead")
+__all__ = ["BUFFERS", "METHODS", "CheckedGradients", "Lookbehind"]
 
-# Per-parameter buffers. They live in ``Lookbehind.lookbehind_state``, apart from the base
-# optimizer's ``state`` (which optimizers such as Adam initialise only while it is empty), and
-# travel inside the base optimizer's per-parameter entries of ``state_dict()``.
-FAST = "lookbehind_fast"
-PERTURBED = "lookbehind_perturbed"
-FIRST_FAST = "lookbehind_first_fast"
-GRAD_SUM = "lookbehind_grad_sum"
-BUFFERS = (FAST, PERTURBED, FIRST_FAST, GRAD_SUM)
+# Per-parameter buffers (``schedules.BUFFERS``) live in ``Lookbehind.lookbehind_state``, apart
+# from the base optimizer's ``state`` (which optimizers such as Adam initialise only while it is
+# empty), and travel inside the base optimizer's per-parameter entries of ``state_dict()``.
 
 # Run state, kept in ``param_groups[0]``.
 CYCLE_POSITION = "lookbehind_cycle_position"
@@ -78,69 +69,14 @@ _RESUME_KEYS = ("method", "k", "minibatch_switching", "adaptive")
 Closure = Callable[[], torch.Tensor]
 
 
-def _check_fraction(alpha: float | str, method: str) -> None:
-    if alpha == "adaptive":
-        if method != "lookbehind":
-            raise ValueError(f"alpha='adaptive' is defined for method='lookbehind', not {method!r}")
-        return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in (0, 1] or 'adaptive', got {alpha!r}")
+class CheckedGradients(NamedTuple):
+    """The gradients of the last pass after the non-finite check: the parameters that received
+    one, the gradients, each tensor's ASAM flag, and their global norm (a 0-d device tensor)."""
 
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-
-
-def _check_nonnegative(name: str, value: Any) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not 0.0 <= value < float("inf")
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-def validate_settings(
-    *,
-    method: str,
-    k: int | None,
-    alpha: float | str,
-    rho: float,
-    perturbation: str,
-    asam_eta: float,
-    adaptive_scope: str,
-    minibatch_switching: bool,
-    batchnorm_update: str,
-    max_grad_norm: float | None = None,
-) -> int:
-    """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
-    Returns ``k`` with its default filled in (2, or 1 for sam)."""
-    _check_choice("method", method, METHODS)
-    if k is None:
-        k = 1 if method == "sam" else 2
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
-    if method == "sam" and k != 1:
-        raise ValueError(f"method='sam' takes k=1, got k={k}; use method='multistep'")
-    _check_fraction(alpha, method)
-    _check_nonnegative("rho", rho)
-    _check_nonnegative("asam_eta", asam_eta)
-    _check_choice("perturbation", perturbation, PERTURBATIONS)
-    if perturbation == "none" and method != "lookahead":
-        raise ValueError(f"perturbation='none' is for method='lookahead', not {method!r}")
-    _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
-    _check_choice("batchnorm_update", batchnorm_update, BATCHNORM_UPDATES)
-    if minibatch_switching and method != "lookbehind":
-        raise ValueError(
-            f"minibatch_switching is a lookbehind mode; method={method!r} has no such mode "
-            "(lookahead always takes one minibatch per inner step)"
-        )
-    if max_grad_norm is not None:
-        _check_nonnegative("max_grad_norm", max_grad_norm)
-        if max_grad_norm == 0:
-            raise ValueError("max_grad_norm must be > 0, or None for no clipping")
-    return k
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
+    scaled: list[bool]
+    norm: torch.Tensor
 
 
 class Lookbehind(torch.optim.Optimizer):
@@ -289,7 +225,7 @@ class Lookbehind(torch.optim.Optimizer):
         if self.cycle_position == 0:
             return state_dict
         packed = dict(state_dict["state"])
-        for index, p in enumerate(self._params):
+        for index, p in enumerate(self.params):
             buffers = {k: v for k, v in self.lookbehind_state.get(p, {}).items() if k in BUFFERS}
             if buffers:
                 packed[index] = {**packed.get(index, {}), **buffers}
@@ -314,19 +250,24 @@ class Lookbehind(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.lookbehind_state.clear()
-        params = self._params
+        params = self.params
         for index, entry in buffers.items():
             p = params[index]
             for key, value in entry.items():
                 self.lookbehind_state[p][key] = value.to(device=p.device, dtype=p.dtype)
         self._init_run_state()
 
-    # ----------------------------------------------------------------------- building blocks
+    # ------------------------------------------------------------ primitives of the schedules
     @property
-    def _params(self) -> list[torch.Tensor]:
+    def params(self) -> list[torch.Tensor]:
+        """Every parameter of every group, in ``state_dict`` order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    def buffers(self, key: str) -> list[torch.Tensor]:
+        """The buffer ``key`` of every parameter, in :attr:`params` order."""
+        return [self.lookbehind_state[p][key] for p in self.params]
+
+    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
         """Parameters that received a gradient, their gradients, and their ASAM flags."""
         params, grads, scaled = [], [], []
         for group in self.param_groups:
@@ -347,20 +288,34 @@ class Lookbehind(torch.optim.Optimizer):
         run[CYCLE_NONFINITE], run[SKIPPED_STEPS] = nonfinite.to(device), skipped.to(device)
         return run[CYCLE_NONFINITE], run[SKIPPED_STEPS]
 
-    def _forward_backward(self, closure: Closure, *, first: bool) -> torch.Tensor:
-        """One pass: zero the gradients, run ``closure`` (forward + backward)."""
+    @property
+    def nonfinite_flag(self) -> torch.Tensor:
+        """Device flag: the current outer step has seen a non-finite gradient."""
+        return self.param_groups[0][CYCLE_NONFINITE]
+
+    def keep_factor(self, dtype: torch.dtype) -> torch.Tensor:
+        """1 while the current outer step has seen only finite gradients, else 0."""
+        return (~self.nonfinite_flag).to(dtype)
+
+    def forward_backward(self, closure: Closure, *, first: bool) -> torch.Tensor:
+        """One pass: zero the gradients, run ``closure`` (forward + backward), then the
+        :meth:`after_backward` hook. ``first``: the pass at the weights held on entry (the only
+        one that updates BatchNorm statistics with ``batchnorm_update='first_pass'``)."""
         self.base_optimizer.zero_grad(set_to_none=True)
         freeze = not first and self.batchnorm_update == "first_pass"
         stats = frozen_running_stats(self._batchnorms) if freeze else contextlib.nullcontext()
         with torch.enable_grad(), stats:
-            return closure()
+            loss = closure()
+        self.after_backward()
+        return loss
 
-    def _checked_gradients(self):
+    def checked_gradients(self) -> CheckedGradients:
         """Gradients of the last pass and their global norm. A non-finite norm marks the outer
         step as failed; from then on the gradients (and so every later perturbation and base
         update of the outer step) are zeroed, so nothing downstream turns NaN and a loss scaler
-        sees only the overflow that happened."""
-        params, grads, scaled = self._gradients()
+        sees only the overflow that happened. The result passes through the
+        :meth:`ascent_gradients` hook."""
+        params, grads, scaled = self.gradients()
         if not grads:
             raise RuntimeError(
                 "the closure produced no gradient: it must compute the loss and call backward()"
@@ -368,34 +323,35 @@ class Lookbehind(torch.optim.Optimizer):
         norm = global_norm(grads)
         nonfinite, _ = self._run_tensors(grads[0].device)
         nonfinite.logical_or_(~torch.isfinite(norm))
-        keep = self._keep(grads[0].dtype)
+        keep = self.keep_factor(grads[0].dtype)
         zero_nonfinite_(grads, keep)
         self._checked_norm = torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
-        return params, grads, scaled, self._checked_norm
+        return self.ascent_gradients(CheckedGradients(params, grads, scaled, self._checked_norm))
 
-    def _ascend(self, params, grads, scaled, norm) -> None:
-        """``P <- P + eps(g)``. In same-batch mode a descent may have clipped ``g`` in place
-        first; the direction is the same, and the norm is then recomputed so that the step
-        keeps its radius rho (clipping never touches the ascent)."""
+    def forget_checked_norm(self) -> None:
+        """The gradients were replaced since the last check: the next base update measures
+        them anew."""
+        self._checked_norm = None
+
+    def ascend(self, checked: CheckedGradients) -> None:
+        """``P <- P + eps(g)`` (eq. 3 or 4). In same-batch mode a descent may have clipped ``g``
+        in place first; the direction is the same, and the norm is then recomputed so that the
+        step keeps its radius rho (clipping never touches the ascent)."""
         ascend_(
-            params,
-            grads,
+            checked.params,
+            checked.grads,
             rho=self.rho,
             perturbation=self.perturbation,
             asam_eta=self.asam_eta,
-            asam_scaled=scaled,
-            grad_norm=None if self.max_grad_norm is not None else norm,
+            asam_scaled=checked.scaled,
+            grad_norm=None if self.max_grad_norm is not None else checked.norm,
         )
-
-    def _keep(self, dtype: torch.dtype) -> torch.Tensor:
-        """1 while the current outer step has seen only finite gradients, else 0."""
-        return (~self.param_groups[0][CYCLE_NONFINITE]).to(dtype)
 
     def base_update(self) -> None:
         """Apply the base optimizer to the parameters with the current gradients (already
         zeroed by the check if the outer step saw a non-finite gradient), clipped to
         ``max_grad_norm``. This is the only place where descent happens."""
-        params, grads, _ = self._gradients()
+        params, grads, _ = self.gradients()
         if grads:
             if self.max_grad_norm is not None:
                 self.last_descent_grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -406,50 +362,65 @@ class Lookbehind(torch.optim.Optimizer):
                 self.last_descent_grad_norm = global_norm(grads) if checked is None else checked
         self.base_optimizer.step()
 
-    def _descend(self, *, record_first: bool = False) -> None:
-        """``F <- A(F, g)`` with ``F`` swapped into the parameters for the update."""
-        params = self._params
+    def descend(self, *, record_first: bool = False) -> None:
+        """``F <- A(F, g)`` with ``F`` swapped into the parameters for the update;
+        ``record_first`` keeps ``F_1`` for adaptive alpha."""
+        params = self.params
         swap_storage(params, self.lookbehind_state, FAST)
         self.base_update()
         if record_first:
             copy_into_buffers(params, self.lookbehind_state, FIRST_FAST)
         swap_storage(params, self.lookbehind_state, FAST)
 
-    def _finish_outer_step(self, slow: list[torch.Tensor]) -> None:
+    def finish_outer_step(self, slow: list[torch.Tensor]) -> None:
         """``S <- S + alpha (F_k - S)`` into ``slow`` (eq. 7-8 for adaptive alpha), gated by
         the non-finite flag; then count a skip and reset the flag."""
-        params = self._params
-        fast = [self.lookbehind_state[p][FAST] for p in params]
-        keep = self._keep(slow[0].dtype)
-        run = self.param_groups[0]
+        fast = self.buffers(FAST)
+        keep = self.keep_factor(slow[0].dtype)
         if self.alpha == "adaptive":
-            first = [self.lookbehind_state[p][FIRST_FAST] for p in params]
+            first = self.buffers(FIRST_FAST)
             torch._foreach_sub_(first, slow)
             torch._foreach_sub_(fast, slow)
             alpha = adaptive_alpha(first, fast, self.adaptive_scope)
-            weights = (alpha * keep).expand(len(params)).to(slow[0].dtype)
+            weights = (alpha * keep).expand(len(slow)).to(slow[0].dtype)
             torch._foreach_addcmul_(slow, fast, list(weights.unbind()))
         else:
             lerp_(slow, fast, keep * float(self.alpha))  # Python scalar x gate: no host copy
             alpha = keep.new_full((), float(self.alpha))
-        run[LAST_ALPHA] = alpha
-        self._close_cycle()
+        self.param_groups[0][LAST_ALPHA] = alpha
+        self.close_cycle()
 
-    def _close_cycle(self) -> None:
-        nonfinite, skipped = (
-            self.param_groups[0][CYCLE_NONFINITE],
-            self.param_groups[0][SKIPPED_STEPS],
-        )
+    def advance_cycle(self) -> None:
+        """One inner step of a cycle done (switching and lookahead mode); wraps to 0 after k."""
+        run = self.param_groups[0]
+        run[CYCLE_POSITION] = (run[CYCLE_POSITION] + 1) % self.k
+
+    def close_cycle(self) -> None:
+        """End an outer step: count a skip if it saw a non-finite gradient, reset the flag."""
+        nonfinite, skipped = self.nonfinite_flag, self.param_groups[0][SKIPPED_STEPS]
         skipped.add_(nonfinite.to(skipped.dtype))
         nonfinite.zero_()
         self.param_groups[0][CYCLE_POSITION] = 0
 
-    def _perturbation_distance(self, perturbed: list[torch.Tensor], slow: list[torch.Tensor]):
+    def record_perturbation_distance(
+        self, perturbed: list[torch.Tensor], slow: list[torch.Tensor]
+    ) -> None:
         """``||P_k - S||``, computed in place in ``perturbed`` (scratch afterwards)."""
         torch._foreach_sub_(perturbed, slow)
         self.last_perturbation_distance = global_norm(perturbed)
 
-    # ------------------------------------------------------------------------------- steps
+    # ----------------------------------------------------------------------------- hooks
+    def after_backward(self) -> None:
+        """Hook run after every forward/backward pass, before the gradients are checked (the
+        Trainer unscales fp16 gradients here). Does nothing by default."""
+
+    def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
+        """Hook choosing the gradients the next ascent step uses; by default the checked
+        gradients themselves (the Trainer substitutes each process's own gradient for
+        per-device ascent)."""
+        return checked
+
+    # ------------------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
         """One step on one minibatch; ``closure`` computes the loss on it and calls
@@ -460,117 +431,4 @@ class Lookbehind(torch.optim.Optimizer):
                 "Lookbehind.step needs a closure that computes the loss on the minibatch and "
                 "calls backward(); it runs it once per forward/backward pass"
             )
-        if self.method == "lookahead":
-            return self._lookahead_step(closure)
-        if self.method == "lookbehind":
-            if self.minibatch_switching:
-                return self._lookbehind_switching_step(closure)
-            return self._lookbehind_same_batch_step(closure)
-        return self._multistep_step(closure)
-
-    def _lookbehind_same_batch_step(self, closure: Closure) -> torch.Tensor:
-        params = self._params
-        loss = self._forward_backward(closure, first=True)
-        checked = self._checked_gradients()
-        self.last_ascent_grad_norm = checked[3]
-        copy_into_buffers(params, self.lookbehind_state, FAST)  # F_0 = S
-        copy_into_buffers(params, self.lookbehind_state, PERTURBED)  # keeps S while P moves
-        for inner in range(1, self.k + 1):
-            self._ascend(*checked)  # P_{i-1} -> P_i
-            self._forward_backward(closure, first=False)
-            checked = self._checked_gradients()
-            self._descend(record_first=inner == 1 and self.alpha == "adaptive")
-        slow = [self.lookbehind_state[p][PERTURBED] for p in params]
-        self._perturbation_distance([p.data for p in params], slow)
-        self._finish_outer_step(slow)
-        swap_storage(params, self.lookbehind_state, PERTURBED)  # params <- new S
-        return loss
-
-    def _lookbehind_switching_step(self, closure: Closure) -> torch.Tensor:
-        params = self._params
-        position = self.cycle_position
-        if position == 0:
-            copy_into_buffers(params, self.lookbehind_state, FAST)
-            copy_into_buffers(params, self.lookbehind_state, PERTURBED)
-        swap_storage(params, self.lookbehind_state, PERTURBED)  # params <- P_{i-1}, buffer <- S
-        loss = self._forward_backward(closure, first=True)
-        checked = self._checked_gradients()
-        self.last_ascent_grad_norm = checked[3]
-        self._ascend(*checked)  # P_i
-        self._forward_backward(closure, first=False)
-        self._checked_gradients()
-        self._descend(record_first=position == 0 and self.alpha == "adaptive")
-        swap_storage(params, self.lookbehind_state, PERTURBED)  # params <- S, buffer <- P_i
-        self.param_groups[0][CYCLE_POSITION] = position + 1
-        if position + 1 == self.k:
-            slow = [p.data for p in params]
-            self._perturbation_distance([self.lookbehind_state[p][PERTURBED] for p in params], slow)
-            self._finish_outer_step(slow)
-        return loss
-
-    def _lookahead_step(self, closure: Closure) -> torch.Tensor:
-        params = self._params
-        position = self.cycle_position
-        if position == 0:
-            copy_into_buffers(params, self.lookbehind_state, FAST)
-        swap_storage(params, self.lookbehind_state, FAST)  # params <- F_{i-1}, buffer <- S
-        loss = self._forward_backward(closure, first=True)
-        checked = self._checked_gradients()
-        self.last_ascent_grad_norm = checked[3]
-        if self.perturbation != "none":
-            copy_into_buffers(params, self.lookbehind_state, PERTURBED)  # keeps F_{i-1}
-            self._ascend(*checked)
-            self._forward_backward(closure, first=False)
-            self._checked_gradients()
-            swap_storage(params, self.lookbehind_state, PERTURBED)  # params <- F_{i-1}
-        self.base_update()  # F_i
-        swap_storage(params, self.lookbehind_state, FAST)  # params <- S, buffer <- F_i
-        self.param_groups[0][CYCLE_POSITION] = position + 1
-        if position + 1 == self.k:
-            self._finish_outer_step([p.data for p in params])
-        return loss
-
-    def _multistep_step(self, closure: Closure) -> torch.Tensor:
-        params = self._params
-        loss = self._forward_backward(closure, first=True)
-        checked = self._checked_gradients()
-        self.last_ascent_grad_norm = checked[3]
-        copy_into_buffers(params, self.lookbehind_state, PERTURBED)  # keeps S
-        for inner in range(1, self.k + 1):
-            self._ascend(*checked)
-            self._forward_backward(closure, first=False)
-            checked = self._checked_gradients()
-            if self.method == "multistep_avg":
-                params_with_grad, grads, _ = self._gradients()
-                self._accumulate_gradients(params_with_grad, grads, first=inner == 1)
-        slow = [self.lookbehind_state[p][PERTURBED] for p in params]
-        self._perturbation_distance([p.data for p in params], slow)
-        torch._foreach_copy_([p.data for p in params], slow)  # params <- S; buffer keeps S
-        if self.method == "multistep_avg":
-            self._load_average_gradients()
-        self.base_update()
-        # A skipped step restores S exactly: lerp with weight 1 returns its end point.
-        nonfinite = self.param_groups[0][CYCLE_NONFINITE]
-        lerp_([p.data for p in params], slow, nonfinite.to(slow[0].dtype))
-        self._close_cycle()
-        return loss
-
-    def _accumulate_gradients(self, params, grads, *, first: bool) -> None:
-        if first:
-            for p, grad in zip(params, grads, strict=True):
-                if GRAD_SUM not in self.lookbehind_state[p]:
-                    self.lookbehind_state[p][GRAD_SUM] = torch.empty_like(grad)
-            torch._foreach_copy_([self.lookbehind_state[p][GRAD_SUM] for p in params], grads)
-        else:
-            torch._foreach_add_([self.lookbehind_state[p][GRAD_SUM] for p in params], grads)
-
-    def _load_average_gradients(self) -> None:
-        self._checked_norm = None  # the averaged gradients are not the checked ones
-        params = [p for p in self._params if p.grad is not None]
-        for p in params:
-            p.grad, self.lookbehind_state[p][GRAD_SUM] = self.lookbehind_state[p][GRAD_SUM], p.grad
-        if params:
-            average = [p.grad for p in params]
-            torch._foreach_div_(average, float(self.k))
-            # Passes before a non-finite one were summed unzeroed: gate the average too.
-            torch._foreach_mul_(average, self._keep(average[0].dtype))
+        return schedule_for(self.method, self.minibatch_switching)(self, closure)

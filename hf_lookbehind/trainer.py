@@ -34,7 +34,7 @@ from torch import nn
 from transformers import Trainer
 
 from .multi_tensor import global_norm, zero_nonfinite_
-from .optimizer import Lookbehind
+from .optimizer import CheckedGradients, Lookbehind
 from .training_args import UNSUPPORTED_SHARDING, LookbehindTrainingArguments
 
 LOCAL_GRAD = "lookbehind_local_grad"
@@ -64,20 +64,18 @@ class _TrainerLookbehind(Lookbehind):
             return None
         return super().step(closure)
 
-    def _forward_backward(self, closure, *, first: bool) -> torch.Tensor:
-        loss = super()._forward_backward(closure, first=first)
+    def after_backward(self) -> None:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             self.grad_scaler.unscale_(self.base_optimizer)
             self.grad_scaler.update()
         if self.per_device_ascent:
             self._keep_local_and_average_gradients()
-        return loss
 
     def _keep_local_and_average_gradients(self) -> None:
         """Per-device ascent (m-SAM, m = per-device batch): the pass ran without DDP's
         all-reduce; keep this process's gradient for the ascent (one extra parameter-sized
         buffer) and average the gradients over the processes for the descent."""
-        params, grads, _ = self._gradients()
+        params, grads, _ = self.gradients()
         for p, grad in zip(params, grads):
             if LOCAL_GRAD not in self.lookbehind_state[p]:
                 self.lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
@@ -88,13 +86,12 @@ class _TrainerLookbehind(Lookbehind):
             handle.wait()
         torch._foreach_div_(grads, float(world_size))
 
-    def _checked_gradients(self):
-        params, grads, scaled, norm = super()._checked_gradients()
+    def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
         if not self.per_device_ascent:
-            return params, grads, scaled, norm
-        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in params]
-        zero_nonfinite_(local, self._keep(local[0].dtype))  # bad anywhere: averaged is bad too
-        return params, local, scaled, global_norm(local)
+            return checked
+        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in checked.params]
+        zero_nonfinite_(local, self.keep_factor(local[0].dtype))  # bad anywhere: averaged too
+        return checked._replace(grads=local, norm=global_norm(local))
 
 
 def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:

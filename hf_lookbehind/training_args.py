@@ -9,8 +9,8 @@ from transformers import TrainingArguments
 
 from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
-from .optimizer import METHODS, validate_settings
 from .perturbation import PERTURBATIONS
+from .settings import METHODS, validate_settings
 
 TRAINER_METHODS = (*METHODS, "none")
 UNSUPPORTED_SHARDING = (
