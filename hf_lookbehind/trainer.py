@@ -147,6 +147,13 @@ class LookbehindTrainer(Trainer):
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         return optimizer if isinstance(optimizer, _TrainerLookbehind) else None
 
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Every parameter with ``--decay_all_parameters`` (the paper's public code); otherwise
+        the Trainer's choice, which exempts biases and LayerNorm/RMSNorm parameters."""
+        if self.args.decay_all_parameters:
+            return [name for name, _ in model.named_parameters()]
+        return super().get_decay_parameter_names(model)
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (built from ``--optim`` or passed in ``optimizers``),
         wrapped in the Lookbehind engine as its base optimizer."""

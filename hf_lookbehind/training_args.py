@@ -104,6 +104,14 @@ class LookbehindTrainingArguments(TrainingArguments):
             "choices": list(ASCENT_SYNCS),
         },
     )
+    decay_all_parameters: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply --weight_decay to every parameter, BatchNorm and biases included (the "
+            "paper's public code: plain SGD weight decay); by default the Trainer exempts biases "
+            "and LayerNorm/RMSNorm parameters."
+        },
+    )
     batchnorm_update: str = field(
         default="first_pass",
         metadata={

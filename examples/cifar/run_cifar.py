@@ -52,6 +52,7 @@ PAPER_DEFAULTS = {
     "per_device_eval_batch_size": 512,
     "learning_rate": 0.1,
     "weight_decay": 5e-4,
+    "decay_all_parameters": True,
     "optim": "sgd",
     "optim_args": "momentum=0.9",
     "eval_strategy": "epoch",
