@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .multi_tensor import per_tensor_norms
+from .sharding import local_shards, sum_over_shards
 
 ADAPTIVE_SCOPES = ("per_tensor", "global")
 COSINE_EPS = 1e-8
@@ -25,7 +26,8 @@ def adaptive_alpha(
 ) -> torch.Tensor:
     """Eq. 7-8: a vector of one alpha per tensor (``per_tensor``) or a 0-d tensor (``global``).
 
-    Reads the deltas only; stays on the device.
+    Reads the deltas only; stays on the device. For FSDP2 shards, the norms and dot products
+    are those of the whole tensors (sums of per-shard partial sums).
     """
     if scope not in ADAPTIVE_SCOPES:
         raise ValueError(f"unknown adaptive alpha scope {scope!r}; allowed: {ADAPTIVE_SCOPES}")
@@ -34,9 +36,10 @@ def adaptive_alpha(
     dots = torch.stack(
         [
             torch.dot(a.reshape(-1), b.reshape(-1)).to(first_norms.dtype)
-            for a, b in zip(first_deltas, last_deltas, strict=True)
+            for a, b in zip(local_shards(first_deltas), local_shards(last_deltas), strict=True)
         ]
     )
+    dots = sum_over_shards(dots, first_deltas)
     if scope == "global":
         dots = dots.sum()
         first_norms = torch.linalg.vector_norm(first_norms)

@@ -50,6 +50,7 @@ from .multi_tensor import copy_into_buffers, global_norm, lerp_, swap_storage, z
 from .perturbation import ascend_
 from .schedules import BUFFERS, FAST, FIRST_FAST, schedule_for
 from .settings import METHODS, validate_settings
+from .sharding import local_shards
 
 __all__ = ["BUFFERS", "METHODS", "CheckedGradients", "Lookbehind"]
 
@@ -353,13 +354,13 @@ class Lookbehind(torch.optim.Optimizer):
         ``max_grad_norm``. This is the only place where descent happens."""
         params, grads, _ = self.gradients()
         if grads:
+            # The norm of these gradients, unless they were replaced since the check (for FSDP2
+            # shards, that of the whole gradients).
+            checked = self._checked_norm
+            norm = global_norm(grads) if checked is None else checked
             if self.max_grad_norm is not None:
-                self.last_descent_grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, self.max_grad_norm, foreach=True
-                )
-            else:  # the norm of these gradients, unless they were replaced since the check
-                checked = self._checked_norm
-                self.last_descent_grad_norm = global_norm(grads) if checked is None else checked
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
+            self.last_descent_grad_norm = norm
         self.base_optimizer.step()
 
     def descend(self, *, record_first: bool = False) -> None:
@@ -379,11 +380,12 @@ class Lookbehind(torch.optim.Optimizer):
         keep = self.keep_factor(slow[0].dtype)
         if self.alpha == "adaptive":
             first = self.buffers(FIRST_FAST)
-            torch._foreach_sub_(first, slow)
-            torch._foreach_sub_(fast, slow)
+            local_slow, local_fast = local_shards(slow), local_shards(fast)
+            torch._foreach_sub_(local_shards(first), local_slow)
+            torch._foreach_sub_(local_fast, local_slow)
             alpha = adaptive_alpha(first, fast, self.adaptive_scope)
             weights = (alpha * keep).expand(len(slow)).to(slow[0].dtype)
-            torch._foreach_addcmul_(slow, fast, list(weights.unbind()))
+            torch._foreach_addcmul_(local_slow, local_fast, list(weights.unbind()))
         else:
             lerp_(slow, fast, keep * float(self.alpha))  # Python scalar x gate: no host copy
             alpha = keep.new_full((), float(self.alpha))
@@ -406,7 +408,7 @@ class Lookbehind(torch.optim.Optimizer):
         self, perturbed: list[torch.Tensor], slow: list[torch.Tensor]
     ) -> None:
         """``||P_k - S||``, computed in place in ``perturbed`` (scratch afterwards)."""
-        torch._foreach_sub_(perturbed, slow)
+        torch._foreach_sub_(local_shards(perturbed), local_shards(slow))
         self.last_perturbation_distance = global_norm(perturbed)
 
     # ----------------------------------------------------------------------------- hooks

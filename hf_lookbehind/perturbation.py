@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .multi_tensor import global_norm
+from .sharding import local_shards
 
 PERTURBATIONS = ("sam", "asam", "none")
 
@@ -42,18 +43,20 @@ def ascend_(
 ) -> None:
     """Move ``params`` by the SAM/ASAM perturbation computed from ``grads`` (consumed).
 
-    ``grad_norm`` may pass ``||g||`` when the caller computed it already (SAM only).
+    ``grad_norm`` may pass ``||g||`` when the caller computed it already (SAM only). FSDP2
+    parameters move shard by shard; the norm is that of the whole gradient.
     """
     if perturbation == "none" or not params:
         return
-    params, grads = list(params), list(grads)
+    whole_grads = list(grads)
+    params, grads = local_shards(params), local_shards(whole_grads)
     if perturbation == "asam":
         scaled = list(asam_scaled) if asam_scaled is not None else [True] * len(params)
         _scale_by_asam_factor_(params, grads, scaled, asam_eta)
-        norm = global_norm(grads)
+        norm = global_norm(whole_grads)
         _scale_by_asam_factor_(params, grads, scaled, asam_eta)
     elif perturbation == "sam":
-        norm = global_norm(grads) if grad_norm is None else grad_norm
+        norm = global_norm(whole_grads) if grad_norm is None else grad_norm
     else:
         raise ValueError(f"unknown perturbation {perturbation!r}; allowed: {PERTURBATIONS}")
     scale = rho / (norm + NORM_EPS)

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .multi_tensor import copy_into_buffers, lerp_, swap_storage
+from .multi_tensor import copy_into_buffers, copy_values_, lerp_, swap_storage
 
 if TYPE_CHECKING:
     from .optimizer import Closure, Lookbehind
@@ -113,7 +113,7 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
             _accumulate_gradients(engine, checked.params, checked.grads, first=inner == 1)
     slow = engine.buffers(PERTURBED)
     engine.record_perturbation_distance([p.data for p in params], slow)
-    torch._foreach_copy_([p.data for p in params], slow)  # params <- S; buffer keeps S
+    copy_values_([p.data for p in params], slow)  # params <- S; buffer keeps S
     if average:
         _load_average_gradients(engine)
     engine.base_update()
@@ -129,7 +129,7 @@ def _accumulate_gradients(engine: Lookbehind, params, grads, *, first: bool) -> 
         for p, grad in zip(params, grads, strict=True):
             if GRAD_SUM not in state[p]:
                 state[p][GRAD_SUM] = torch.empty_like(grad)
-        torch._foreach_copy_([state[p][GRAD_SUM] for p in params], grads)
+        copy_values_([state[p][GRAD_SUM] for p in params], grads)
     else:
         torch._foreach_add_([state[p][GRAD_SUM] for p in params], grads)
 
