@@ -29,8 +29,11 @@ from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 
 # Parameter counts (10 classes) of the implementations the paper's numbers come from: the
 # kuangliu CIFAR ResNets of the Lookbehind-SAM code, the xternalz / Zagoruyko WideResNets and
-# akamaster's option-A ResNet-20/56 (0.27M / 0.85M).
+# akamaster's option-A ResNet-20/56 (0.27M / 0.85M). ResNet-8 (not in akamaster's code): the same
+# design with one block per stage, counted by hand: stem 432 + 32, stage 1 2 * 2,304 + 64,
+# stage 2 4,608 + 9,216 + 128, stage 3 18,432 + 36,864 + 256, classifier 650.
 REFERENCE_PARAMETERS = {
+    "resnet8": 75_290,
     "resnet20": 269_722,
     "resnet56": 853_018,
     "resnet18": 11_173_962,
@@ -61,7 +64,9 @@ def test_cifar_resnet_keeps_resolution_to_a_4x4_last_stage():
 
 
 def test_unknown_model_name_is_rejected():
-    with pytest.raises(ValueError, match="unknown CIFAR model 'resnet101'; allowed: resnet20"):
+    with pytest.raises(
+        ValueError, match="unknown CIFAR model 'resnet101'; allowed: resnet8, resnet20"
+    ):
         create_cifar_model("resnet101", 10)
     assert set(CIFAR_MODELS) == set(REFERENCE_PARAMETERS)
 

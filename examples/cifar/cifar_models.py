@@ -1,6 +1,6 @@
 """CIFAR models used by the recipes and the analysis tools.
 
-- ResNet-20/56 (He et al. 2016, option-A shortcuts: a parameter-free, zero-padded, stride-2
+- ResNet-8/20/56 (He et al. 2016, option-A shortcuts: a parameter-free, zero-padded, stride-2
   identity), with state-dict keys that load the pretrained checkpoints in
   ``shared/data/pretrained_cifar10_resnet`` (keys prefixed ``module.``, no
   ``num_batches_tracked``).
@@ -77,6 +77,11 @@ class CifarResNetA(nn.Module):
         out = self.layer3(self.layer2(self.layer1(out)))
         out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         return self.linear(out)
+
+
+def resnet8(num_classes: int = 10) -> CifarResNetA:
+    """One block per stage (6n + 2 layers, n = 1): a CPU-sized model for short measurements."""
+    return CifarResNetA(1, num_classes)
 
 
 def resnet20(num_classes: int = 10) -> CifarResNetA:
@@ -170,6 +175,7 @@ def wrn28_10(num_classes: int = 10) -> WideResNet:
 
 
 CIFAR_MODELS: dict[str, Callable[[int], nn.Module]] = {
+    "resnet8": resnet8,
     "resnet20": resnet20,
     "resnet56": resnet56,
     "resnet18": resnet18,
