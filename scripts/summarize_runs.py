@@ -1,13 +1,23 @@
-"""One table of recipe runs: final and best accuracy, seconds of training per epoch, and that
-time over the first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1).
+"""Tables of recipe runs, from what each run wrote (``all_results.json``, ``trainer_state.json``).
+
+CIFAR (default): final and best accuracy, seconds of training per epoch, and that time over the
+first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1). Translation:
+validation and test BLEU, validation loss and seconds per Trainer step.
 
     python scripts/summarize_runs.py sgd=out/sgd sam=out/sam lookbehind=out/lb --json t.json
+    python scripts/summarize_runs.py --group_seeds out/sgd_seed0 out/sgd_seed1 out/sam_seed0 ...
+    python scripts/summarize_runs.py --kind translation out/adam_seed0 out/sam_rho0.1_seed0
+
+``--group_seeds`` (always on for translation) makes one row of the runs whose folders differ
+only in a ``_seed<N>`` suffix: the mean over the seeds and each seed's value.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,9 +25,39 @@ from hf_lookbehind.analysis.cli import labelled
 from hf_lookbehind.analysis.sweep import read_metric
 
 COLUMNS = ("eval_accuracy", "best_eval_accuracy", "train_seconds_per_epoch")
+TRANSLATION_COLUMNS = ("eval_bleu", "test_bleu", "test_sacrebleu", "eval_loss")
+SEED_SUFFIX = re.compile(r"_seed(\d+)$")
+
+
+def epoch_seconds(run_dir: str | Path) -> list[float]:
+    """``train_epoch_seconds`` of every epoch (``hf_lookbehind.EpochTimer``'s log entries)."""
+    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
+    return [entry["train_epoch_seconds"] for entry in state["log_history"]
+            if "train_epoch_seconds" in entry]  # fmt: skip
+
+
+def last_training_loss(run_dir: str | Path) -> float:
+    """The last logged training loss (the loss of each step's first pass)."""
+    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry][-1]
+
+
+def cifar_row(run_dir: str) -> dict[str, float]:
+    row = {column: read_metric(run_dir, column) for column in COLUMNS}
+    row["median_seconds_per_epoch"] = statistics.median(epoch_seconds(run_dir)[1:])
+    row["last_train_loss"] = last_training_loss(run_dir)
+    return row
+
+
+def translation_row(run_dir: str) -> dict[str, float]:
+    row = {column: read_metric(run_dir, column) for column in TRANSLATION_COLUMNS}
+    row["seconds_per_step"] = 1.0 / read_metric(run_dir, "train_steps_per_second")
+    row["last_train_loss"] = last_training_loss(run_dir)
+    return row
 
 
 def summarize(run_dirs: dict[str, str]) -> list[dict[str, float | str]]:
+    """One row per CIFAR run (the table of ``scripts/device_check.sh``)."""
     rows = [
         {"run": label, **{column: read_metric(run_dir, column) for column in COLUMNS}}
         for label, run_dir in run_dirs.items()
@@ -26,6 +66,66 @@ def summarize(run_dirs: dict[str, str]) -> list[dict[str, float | str]]:
     for row in rows:
         row["time_vs_first"] = row["train_seconds_per_epoch"] / baseline_seconds
     return rows
+
+
+def group_by_seed(run_dirs: Sequence[str], read_row) -> list[dict]:
+    """Runs ``NAME_seed<N>`` grouped by NAME (in order of first appearance): the mean of every
+    column, each seed's values under ``per_seed`` and the seeds."""
+    groups: dict[str, list[tuple[int, dict[str, float]]]] = {}
+    for run_dir in run_dirs:
+        name = Path(run_dir.rstrip("/")).name
+        match = SEED_SUFFIX.search(name)
+        if match is None:
+            raise ValueError(f"{run_dir}: --group_seeds needs folders named NAME_seed<N>")
+        groups.setdefault(name[: match.start()], []).append((int(match[1]), read_row(run_dir)))
+    rows = []
+    for name, runs in groups.items():
+        runs.sort()
+        per_seed = [values for _, values in runs]
+        row = {column: statistics.fmean(v[column] for v in per_seed) for column in per_seed[0]}
+        rows.append({"run": name, **row, "seeds": [s for s, _ in runs], "per_seed": per_seed})
+    return rows
+
+
+def _cell(row: dict, column: str, scale: float, digits: int) -> str:
+    mean = f"{scale * row[column]:.{digits}f}"
+    if len(row.get("per_seed", ())) < 2:
+        return mean
+    return f"{mean} ({' / '.join(f'{scale * v[column]:.{digits}f}' for v in row['per_seed'])})"
+
+
+def cifar_markdown(rows: list[dict]) -> str:
+    baseline = rows[0]["median_seconds_per_epoch"]
+    lines = [
+        "| run | seeds | final acc | best acc | s/epoch (median) | time vs first "
+        "| last train loss |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['run']} | {', '.join(map(str, r['seeds']))} | {_cell(r, 'eval_accuracy', 100, 2)} "
+        f"| {_cell(r, 'best_eval_accuracy', 100, 2)} "
+        f"| {_cell(r, 'median_seconds_per_epoch', 1, 1)} "
+        f"| {r['median_seconds_per_epoch'] / baseline:.2f} "
+        f"| {_cell(r, 'last_train_loss', 1, 3)} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
+
+
+def translation_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| run | seeds | BLEU val | BLEU test | sacreBLEU test | val loss | s/step "
+        "| last train loss |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {r['run']} | {', '.join(map(str, r['seeds']))} | {_cell(r, 'eval_bleu', 1, 2)} "
+        f"| {_cell(r, 'test_bleu', 1, 2)} | {_cell(r, 'test_sacrebleu', 1, 2)} "
+        f"| {_cell(r, 'eval_loss', 1, 3)} | {_cell(r, 'seconds_per_step', 1, 2)} "
+        f"| {_cell(r, 'last_train_loss', 1, 3)} |"
+        for r in rows
+    ]
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict[str, float | str]]) -> str:
@@ -44,10 +144,23 @@ def markdown(rows: list[dict[str, float | str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="+", metavar="[LABEL=]OUTPUT_DIR")
+    parser.add_argument("--kind", choices=("cifar", "translation"), default="cifar")
+    parser.add_argument(
+        "--group_seeds",
+        action="store_true",
+        help="One row per NAME of folders NAME_seed<N>: means and per-seed values.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
     args = parser.parse_args(argv)
-    rows = summarize(labelled(args.run_dir))
-    print(markdown(rows))
+    if args.kind == "translation":
+        rows = group_by_seed(args.run_dir, translation_row)
+        print(translation_markdown(rows))
+    elif args.group_seeds:
+        rows = group_by_seed(args.run_dir, cifar_row)
+        print(cifar_markdown(rows))
+    else:
+        rows = summarize(labelled(args.run_dir))
+        print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The CPU comparisons of issue 9 (examples/translation/README.md and examples/cifar/README.md):
+#
+#   bash scripts/run_issue9_experiments.sh translation   # Multi30k: Adam, SAM, Lookahead, Lookbehind
+#   bash scripts/run_issue9_experiments.sh cifar         # CIFAR-10 subset: SGD, SAM, ... 2 seeds
+#   bash scripts/run_issue9_experiments.sh tables        # the README tables from the finished runs
+#
+# Every run is one process with one thread (OMP_NUM_THREADS=1), so the two tracks can run side by
+# side on two cores. A run whose all_results.json exists is skipped, so an interrupted track
+# continues where it stopped. Run outputs go to $RUNS (default outputs/issue9, git-ignored).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-outputs/issue9}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+
+# ---------------------------------------------------------------------------- translation
+# Multi30k de-en, Moses-tokenized and lowercased once (the recipe's --moses_tokenize, saved to
+# files so that each run skips it); the first 5,000 training pairs, a joint BPE of 2,000
+# subwords learned on them (shared by every run), a 2+2-layer Transformer of width 64,
+# 1,000 steps of at most 512 tokens (about 5.5 epochs of the subset), warm-up 100 steps.
+TRANSLATION_DATA=$RUNS/data/multi30k_tok
+TRANSLATION_COMMON=(
+  --data_dir "$TRANSLATION_DATA" --validation_split val --test_split test_2016_flickr
+  --max_train_samples 5000 --bpe_vocab_size 2000 --subword_dir "$RUNS/data/subwords_multi30k_5k"
+  --d_model 64 --encoder_layers 2 --decoder_layers 2 --attention_heads 4 --ffn_dim 128
+  --dropout 0.1 --max_tokens 512 --max_steps 1000
+  --learning_rate 2e-3 --lr_scheduler_type inverse_sqrt --warmup_steps 100
+  --adam_beta2 0.98 --weight_decay 1e-4 --label_smoothing_factor 0.1 --max_grad_norm 0
+  --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 2
+  --generation_max_length 80 --per_device_eval_batch_size 128 --logging_steps 50
+  --save_strategy no --report_to none --use_cpu --disable_tqdm true
+)
+
+prepare_multi30k() {
+  [[ -f $TRANSLATION_DATA/train.en ]] && return
+  "$PYTHON" - "$DATA/multi30k_de_en" "$TRANSLATION_DATA" <<'EOF'
+import sys
+from pathlib import Path
+
+sys.path.insert(0, "examples/translation")
+from translation_data import moses_tokenize_lowercase, read_parallel_dir
+
+source, destination = Path(sys.argv[1]), Path(sys.argv[2])
+prepared = moses_tokenize_lowercase(read_parallel_dir(source, "de", "en"), "de", "en")
+destination.mkdir(parents=True, exist_ok=True)
+for split, dataset in prepared.items():
+    for lang in ("de", "en"):
+        lines = [pair[lang] for pair in dataset["translation"]]
+        (destination / f"{split}.{lang}").write_text("".join(f"{line}\n" for line in lines))
+EOF
+}
+
+translate() {  # NAME SEED FLAGS...
+  local name=$1 seed=$2 dir=$RUNS/translation/$1_seed$2
+  shift 2
+  [[ -f $dir/all_results.json ]] && return
+  mkdir -p "$dir"
+  echo "$(date -u +%H:%M:%S) translation $name seed $seed: $*"
+  nice -n 10 "$PYTHON" examples/translation/run_translation.py "${TRANSLATION_COMMON[@]}" \
+    --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1
+}
+
+best_rho() {  # PREFIX: the rho of the run PREFIX_rho*_seed0 with the highest validation BLEU
+  "$PYTHON" - "$RUNS/translation" "$1" <<'EOF'
+import json
+import sys
+from pathlib import Path
+
+runs = Path(sys.argv[1]).glob(f"{sys.argv[2]}_rho*_seed0/all_results.json")
+scores = {p.parent.name.split("_rho")[1].split("_seed")[0]: json.loads(p.read_text())["eval_bleu"]
+          for p in runs}
+print(max(scores, key=scores.get))
+EOF
+}
+
+run_translation() {
+  prepare_multi30k
+  local rho
+  # In order of priority: the first rho for every method, the alpha = 1 check, then the sweep.
+  translate adam 0 --lookbehind_method none
+  translate sam_rho0.1 0 --lookbehind_method sam --rho 0.1
+  translate lookbehind_a0.8_rho0.1 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.1
+  # Why Lookbehind-SAM trails: its slow weights take alpha x k inner steps per k batches.
+  translate lookbehind_a1_rho0.1 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.1
+  translate lookahead_adam_a0.8 0 --lookbehind_method lookahead --perturbation none \
+    --lookbehind_k 2 --lookbehind_alpha 0.8
+  translate sam_rho0.03 0 --lookbehind_method sam --rho 0.03
+  translate lookbehind_a0.8_rho0.03 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.03
+  rho=$(best_rho lookbehind_a0.8)
+  translate "lookbehind_adaptive_rho$rho" 0 --lookbehind_method lookbehind \
+    --minibatch_switching --lookbehind_k 2 --lookbehind_alpha adaptive --rho "$rho"
+  translate "lookahead_sam_a0.8_rho$rho" 0 --lookbehind_method lookahead --perturbation sam \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
+}
+
+# ---------------------------------------------------------------------------------- cifar
+# CIFAR-10: a fixed random subset of 250 training images and one of 1,000 test images
+# (scripts/cifar_subset.py, seed 0), ResNet-8, batch 50, 20 epochs (100 steps), lr 0.1 x0.1 at
+# epochs 10 and 15, random flips but no crop (so that training accuracy saturates in this
+# budget), evaluation every 5 epochs (25 steps); SGD momentum 0.9, weight decay 5e-4 on every
+# parameter, rho 0.05, k 2, alpha 0.5 (the paper's values).
+CIFAR_TRAIN=$RUNS/data/cifar10_train_250.parquet
+CIFAR_TEST=$RUNS/data/cifar10_test_1000.parquet
+CIFAR_COMMON=(
+  --model_name resnet8 --train_path "$CIFAR_TRAIN" --validation_path "$CIFAR_TEST"
+  --per_device_train_batch_size 50 --num_train_epochs 20 --lr_decay_epochs 10 15
+  --crop_padding 0 --eval_strategy steps --eval_steps 25 --save_strategy no
+  --dataloader_num_workers 0 --report_to none --use_cpu --disable_tqdm true
+)
+
+train_cifar() {  # NAME SEED FLAGS...
+  local name=$1 seed=$2 dir=$RUNS/cifar/$1_seed$2
+  shift 2
+  [[ -f $dir/all_results.json ]] && return
+  mkdir -p "$dir"
+  echo "$(date -u +%H:%M:%S) cifar $name seed $seed: $*"
+  nice -n 10 "$PYTHON" examples/cifar/run_cifar.py "${CIFAR_COMMON[@]}" \
+    --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1
+}
+
+run_cifar() {
+  [[ -f $CIFAR_TRAIN ]] ||
+    "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/train.parquet" "$CIFAR_TRAIN" --num_rows 250
+  [[ -f $CIFAR_TEST ]] ||
+    "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/test.parquet" "$CIFAR_TEST" --num_rows 1000
+  local seed
+  for seed in 0 1; do
+    train_cifar sgd "$seed" --lookbehind_method none
+    train_cifar sam "$seed" --lookbehind_method sam --rho 0.05
+    train_cifar lookbehind_a0.5 "$seed" --lookbehind_method lookbehind --lookbehind_k 2 \
+      --lookbehind_alpha 0.5 --rho 0.05
+    train_cifar lookbehind_adaptive "$seed" --lookbehind_method lookbehind --lookbehind_k 2 \
+      --lookbehind_alpha adaptive --rho 0.05
+    train_cifar multistep "$seed" --lookbehind_method multistep --lookbehind_k 2 --rho 0.05
+    train_cifar lookahead_sam_a0.5 "$seed" --lookbehind_method lookahead --perturbation sam \
+      --lookbehind_k 2 --lookbehind_alpha 0.5 --rho 0.05
+  done
+}
+
+# --------------------------------------------------------------------------------- tables
+tables() {
+  "$PYTHON" scripts/summarize_runs.py --kind translation "$RUNS"/translation/*_seed*
+  echo
+  "$PYTHON" scripts/summarize_runs.py --kind cifar --group_seeds "$RUNS"/cifar/*_seed*
+}
+
+case ${1:-} in
+  translation) run_translation ;;
+  cifar) run_cifar ;;
+  tables) tables ;;
+  *) echo "usage: $0 translation|cifar|tables" >&2 && exit 2 ;;
+esac

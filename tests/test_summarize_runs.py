@@ -1,0 +1,66 @@
+"""``scripts/summarize_runs.py`` on run folders written here: seeds grouped into one row with
+the mean and each seed's value, the median epoch time, and the translation columns."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from summarize_runs import main
+
+
+def write_run(folder: Path, results: dict, log_history: list[dict]) -> str:
+    folder.mkdir(parents=True)
+    (folder / "all_results.json").write_text(json.dumps(results))
+    (folder / "trainer_state.json").write_text(json.dumps({"log_history": log_history}))
+    return str(folder)
+
+
+def cifar_run(folder: Path, final: float, best: float, epochs: list[float], loss: float) -> str:
+    history = [{"train_epoch_seconds": s} for s in epochs] + [{"loss": 9.0}, {"loss": loss}]
+    results = {"eval_accuracy": final, "best_eval_accuracy": best, "train_seconds_per_epoch": 0}
+    return write_run(folder, results, history)
+
+
+def test_cifar_seeds_are_grouped_with_means_and_median_epoch_time(tmp_path, capsys):
+    runs = [
+        cifar_run(tmp_path / "sgd_seed1", 0.50, 0.60, [99.0, 2.0, 3.0, 40.0], 0.2),
+        cifar_run(tmp_path / "sgd_seed0", 0.40, 0.50, [99.0, 2.0, 5.0, 4.0], 0.4),
+        cifar_run(tmp_path / "sam_seed0", 0.70, 0.70, [99.0, 8.0, 8.0, 8.0], 0.3),
+    ]
+    main(["--group_seeds", *runs, "--json", str(tmp_path / "rows.json")])
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(row["run"], row["seeds"]) for row in rows] == [("sgd", [0, 1]), ("sam", [0])]
+    sgd = rows[0]
+    assert sgd["eval_accuracy"] == pytest.approx(0.45)
+    assert sgd["best_eval_accuracy"] == pytest.approx(0.55)
+    # the first epoch is left out; medians 4 (seed 0) and 3 (seed 1)
+    assert sgd["median_seconds_per_epoch"] == pytest.approx(3.5)
+    assert sgd["last_train_loss"] == pytest.approx(0.3)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| sgd | 0, 1 | 45.00 (40.00 / 50.00) | 55.00 (50.00 / 60.00) " \
+        "| 3.5 (4.0 / 3.0) | 1.00 | 0.300 (0.400 / 0.200) |"  # fmt: skip
+    assert lines[3] == "| sam | 0 | 70.00 | 70.00 | 8.0 | 2.29 | 0.300 |"
+
+
+def test_translation_rows(tmp_path, capsys):
+    results = {
+        "eval_bleu": 20.0, "test_bleu": 21.0, "test_sacrebleu": 19.5, "eval_loss": 3.25,
+        "train_steps_per_second": 4.0,
+    }  # fmt: skip
+    run = write_run(tmp_path / "sam_rho0.1_seed0", results, [{"loss": 5.0}, {"loss": 4.0}])
+    main(["--kind", "translation", run])
+    assert capsys.readouterr().out.splitlines()[2] == (
+        "| sam_rho0.1 | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 | 4.000 |"
+    )
+
+
+def test_group_seeds_needs_seed_folders(tmp_path):
+    run = cifar_run(tmp_path / "sgd", 0.4, 0.5, [1.0, 2.0], 0.1)
+    with pytest.raises(ValueError, match="NAME_seed<N>"):
+        main(["--group_seeds", run])
