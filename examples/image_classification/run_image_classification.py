@@ -15,10 +15,17 @@ weights are reported.
 ``transformers`` image classifier (hub id or local directory) with its image processor's
 size, mean and std; the output directory then holds the model and processor for
 ``from_pretrained``.
+
+``--recipe resnet18_scratch`` trains a timm ResNet-18 from random initialisation instead (the
+paper's Table 1, ImageNet column): 90 epochs of SGD (momentum 0.9, weight decay 1e-4 on every
+parameter), batch 256, lr 0.1 x global batch / 256, lr x0.1 at epochs 30 and 60, random
+resized crops of 224 px with flips for training, resize to 256 and center crop 224 for
+evaluation; Lookbehind in same-batch mode (k = 2, alpha 0.5, rho 0.05).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -39,16 +46,19 @@ from transformers import (
     set_seed,
 )
 
-from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import LookbehindTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from image_classification_utils import (
     DataArguments,
     ImageClassifier,
+    LearningRateArguments,
+    create_trainer,
     image_and_label_columns,
     load_image_splits,
     num_classes,
+    scale_learning_rate,
     top_k_accuracy,
     track_best_accuracy,
     train_and_evaluate,
@@ -81,12 +91,55 @@ PAPER_DEFAULTS = {
     "dataloader_num_workers": 8,
 }
 
+# ResNet-18 from scratch (Table 1, ImageNet column): the 90-epoch step-decay SGD recipe of
+# Goyal et al. (2017) / the torchvision reference, whose lr 0.1 at batch 256 is scaled linearly
+# with the global batch; weight decay on every parameter and no gradient clipping (plain SGD);
+# no zero-init of the residual branches' last BatchNorm (timm's default does it, torchvision's
+# does not); same-batch Lookbehind with the package's k, alpha and rho.
+RESNET18_SCRATCH_DEFAULTS = {
+    **PAPER_DEFAULTS,
+    "model_name_or_path": "resnet18",
+    "pretrained": False,
+    "model_config": '{"zero_init_last": false}',
+    "image_size": 224,
+    "crop_pct": 0.875,
+    "interpolation": "bilinear",
+    "color_jitter": 0.0,
+    "num_train_epochs": 90,
+    "learning_rate": 0.1,
+    "lr_reference_batch_size": 256,
+    "lr_schedule": "multistep",
+    "lr_decay_epochs": [30, 60],
+    "lr_decay_factor": 0.1,
+    "warmup_steps": 0,
+    "weight_decay": 1e-4,
+    "decay_all_parameters": True,
+    "max_grad_norm": 0.0,  # no clipping
+    "per_device_train_batch_size": 256,
+    "per_device_eval_batch_size": 256,
+    "minibatch_switching": False,
+    "lookbehind_k": None,  # the method's default: 2, or 1 for sam
+    "lookbehind_alpha": "0.5",
+    "rho": 0.05,
+}
+
+RECIPES = {"vit_finetune": PAPER_DEFAULTS, "resnet18_scratch": RESNET18_SCRATCH_DEFAULTS}
+
 
 MODEL_LIBRARIES = ("timm", "transformers")
 
 
 @dataclass
 class ModelArguments:
+    recipe: str = field(
+        default="vit_finetune",
+        metadata={
+            "help": "Sets the defaults of every other flag: vit_finetune (ViT-B/16 fine-tuning, "
+            "Table 4) or resnet18_scratch (ResNet-18 from random initialisation, 90 epochs, "
+            "Table 1). Flags given on the command line override them.",
+            "choices": list(RECIPES),
+        },
+    )
     model_name_or_path: str = field(
         default="vit_base_patch16_224.orig_in21k_ft_in1k",
         metadata={
@@ -98,6 +151,13 @@ class ModelArguments:
     model_library: str = field(
         default="timm",
         metadata={"help": "Which library builds the model.", "choices": list(MODEL_LIBRARIES)},
+    )
+    pretrained: bool = field(
+        default=True,
+        metadata={
+            "help": "Start a timm model from the hub's pretrained weights; False: random "
+            "initialisation (training from scratch)."
+        },
     )
     model_checkpoint: str | None = field(
         default=None, metadata={"help": "Local timm checkpoint file to load instead of the hub's."}
@@ -111,6 +171,8 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.model_library not in MODEL_LIBRARIES:
             raise ValueError(
                 f"--model_library must be one of {', '.join(MODEL_LIBRARIES)}, "
@@ -134,6 +196,63 @@ class ImageNetDataArguments(DataArguments):
         default="ILSVRC/imagenet-1k",
         metadata={"help": "Hub dataset; ignored when --train_path/--validation_path are set."},
     )
+    image_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Side of the training crops and of the evaluation center crop (timm models); "
+            "default: the model's input size."
+        },
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation: resize the shorter side to image_size / crop_pct, then center "
+            "crop image_size (timm models); default: the model's."
+        },
+    )
+    interpolation: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resize interpolation (bilinear, bicubic, ...; timm models); default: the "
+            "model's."
+        },
+    )
+    color_jitter: float = field(
+        default=0.4,
+        metadata={
+            "help": "Strength of the colour jitter of the training images (timm's default 0.4); "
+            "0 turns it off."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size is not None and self.image_size <= 0:
+            raise ValueError(
+                f"--image_size must be a positive size in pixels, got {self.image_size}"
+            )
+        if self.crop_pct is not None and not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"--crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.color_jitter < 0:
+            raise ValueError(f"--color_jitter must be >= 0, got {self.color_jitter}")
+
+    def timm_data_overrides(self) -> dict[str, Any]:
+        """The set preprocessing flags, as timm ``resolve_data_config`` arguments."""
+        overrides: dict[str, Any] = {}
+        if self.image_size is not None:
+            overrides["input_size"] = (3, self.image_size, self.image_size)
+        if self.crop_pct is not None:
+            overrides["crop_pct"] = self.crop_pct
+        if self.interpolation is not None:
+            overrides["interpolation"] = self.interpolation
+        return overrides
+
+
+def recipe_defaults(argv: Sequence[str] | None) -> dict[str, Any]:
+    """The defaults of the ``--recipe`` named on the command line (``vit_finetune`` if none)."""
+    reader = argparse.ArgumentParser(add_help=False)
+    reader.add_argument("--recipe", choices=list(RECIPES), default="vit_finetune")
+    return RECIPES[reader.parse_known_args(argv)[0].recipe]
 
 
 def architecture_overrides(model_config: str | None) -> dict[str, Any]:
@@ -155,17 +274,32 @@ def architecture_overrides(model_config: str | None) -> dict[str, Any]:
 Transform = Callable[[Any], torch.Tensor]
 
 
-def create_timm_model(model_args: ModelArguments, classes: int) -> tuple[torch.nn.Module, dict]:
-    """The timm model and its preprocessing config (input size, interpolation, crop, mean/std)."""
+def create_timm_model(
+    model_args: ModelArguments, classes: int, data_args: ImageNetDataArguments | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """The timm model and its preprocessing config (input size, interpolation, crop, mean/std):
+    the model's own, with the preprocessing flags of ``data_args`` on top."""
     overrides = architecture_overrides(model_args.model_config)
     if model_args.model_checkpoint is not None:
         overrides = {**overrides, "checkpoint_path": model_args.model_checkpoint}
+    pretrained = model_args.pretrained and not overrides
     model = timm.create_model(
-        model_args.model_name_or_path, pretrained=not overrides, num_classes=classes, **overrides
+        model_args.model_name_or_path, pretrained=pretrained, num_classes=classes, **overrides
     )
-    data_overrides = {}
+    model_input_size = model.pretrained_cfg["input_size"]
     if "img_size" in overrides:  # the registered config still names the original size
-        data_overrides["input_size"] = (3, *timm.layers.to_2tuple(overrides["img_size"]))
+        model_input_size = (3, *timm.layers.to_2tuple(overrides["img_size"]))
+    data_overrides = {"input_size": model_input_size}
+    if data_args is not None:
+        data_overrides.update(data_args.timm_data_overrides())
+    if model.pretrained_cfg.get("fixed_input_size") and (
+        data_overrides["input_size"] != model_input_size
+    ):
+        raise ValueError(
+            f"{model_args.model_name_or_path} takes inputs of {model_input_size[1:]} pixels only, "
+            f"got --image_size {data_args.image_size}; change the model's size with --model_config "
+            "'{\"img_size\": N}'"
+        )
     return model, resolve_data_config(data_overrides, model=model)
 
 
@@ -186,17 +320,20 @@ def processor_data_config(processor: BaseImageProcessor) -> dict[str, Any]:
 
 
 def create_model(
-    model_args: ModelArguments, classes: int
+    model_args: ModelArguments, classes: int, data_args: ImageNetDataArguments | None = None
 ) -> tuple[torch.nn.Module, Transform, Transform, BaseImageProcessor | None]:
     """The model the Trainer trains, its training and evaluation transforms, and (transformers
     models) the image processor to save with it. timm models use timm's transforms of their
-    data config; transformers models evaluate through their own image processor and train on
-    random resized crops and flips at its size, mean and std."""
+    data config (training: random resized crop, flip, colour jitter; evaluation: resize to
+    size / crop_pct and center crop); transformers models evaluate through their own image
+    processor and train on random resized crops and flips at its size, mean and std."""
+    color_jitter = data_args.color_jitter if data_args is not None else 0.4
+    augmentation = {"is_training": True, "color_jitter": color_jitter or None}
     if model_args.model_library == "timm":
-        model, data_config = create_timm_model(model_args, classes)
+        model, data_config = create_timm_model(model_args, classes, data_args)
         return (
             ImageClassifier(model),
-            create_transform(**data_config, is_training=True),
+            create_transform(**data_config, **augmentation),
             create_transform(**data_config, is_training=False),
             None,
         )
@@ -208,7 +345,7 @@ def create_model(
     def evaluation_transform(image: Any) -> torch.Tensor:
         return processor(image, return_tensors="pt")["pixel_values"][0]
 
-    train_transform = create_transform(**processor_data_config(processor), is_training=True)
+    train_transform = create_transform(**processor_data_config(processor), **augmentation)
     return model, train_transform, evaluation_transform, processor
 
 
@@ -224,20 +361,45 @@ def with_preprocessing(
     return dataset.with_transform(preprocess)
 
 
+Arguments = tuple[
+    ModelArguments, ImageNetDataArguments, LearningRateArguments, LookbehindTrainingArguments
+]
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
+    """The flags over the defaults of their ``--recipe``, with the learning rate scaled to the
+    global batch (``--lr_reference_batch_size``)."""
+    parser = HfArgumentParser(
+        (ModelArguments, ImageNetDataArguments, LearningRateArguments, LookbehindTrainingArguments)
+    )
+    parser.set_defaults(**recipe_defaults(argv))
+    model_args, data_args, lr_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    timm_flags = [
+        f"--{name}" for name in ("image_size", "crop_pct", "interpolation")
+        if getattr(data_args, name) is not None
+    ]  # fmt: skip
+    if model_args.model_library != "timm" and timm_flags:
+        raise ValueError(
+            f"{', '.join(timm_flags)} set the preprocessing of timm models; a "
+            f"{model_args.model_library} model uses its image processor's"
+        )
+    scale_learning_rate(training_args, lr_args)
+    return model_args, data_args, lr_args, training_args
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, ImageNetDataArguments, LookbehindTrainingArguments))
-    parser.set_defaults(**PAPER_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, lr_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
     track_best_accuracy(training_args)
 
     train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
     image_column, label_column = image_and_label_columns(train_split, data_args)
     model, train_transform, eval_transform, processor = create_model(
-        model_args, num_classes(train_split, label_column)
+        model_args, num_classes(train_split, label_column), data_args
     )
 
-    trainer = LookbehindTrainer(
+    trainer = create_trainer(
+        lr_args,
         model=model,
         args=training_args,
         train_dataset=with_preprocessing(train_split, image_column, label_column, train_transform),
