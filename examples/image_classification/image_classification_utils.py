@@ -89,6 +89,11 @@ def _local_builder(paths: Sequence[str]) -> tuple[str, list[str]]:
             kinds.add("imagefolder")
         elif path.suffix in FILE_BUILDERS and path.is_file():
             kinds.add(FILE_BUILDERS[path.suffix])
+        elif not path.exists():
+            raise FileNotFoundError(
+                f"{path} does not exist: give an image folder or a file ending in "
+                f"{', '.join(FILE_BUILDERS)}"
+            )
         else:
             raise ValueError(
                 f"{path}: not an image folder or a file ending in {', '.join(FILE_BUILDERS)}"
@@ -279,9 +284,27 @@ def top_k_accuracy(top_k: Sequence[int] = (1,)) -> Callable[[EvalPrediction], di
     return compute_metrics
 
 
-def track_best_accuracy(training_args: TrainingArguments) -> None:
+def track_best_accuracy(training_args: TrainingArguments, top_k: Sequence[int] = (1,)) -> None:
     """Let the Trainer keep the best evaluation accuracy in ``state.best_metric`` (it does so
-    for ``metric_for_best_model`` at every evaluation), unless another metric was chosen."""
+    for ``metric_for_best_model`` at every evaluation), unless another metric was chosen.
+
+    Settings that would fail only at the first evaluation or after training are rejected here,
+    before it: ``--prediction_loss_only`` (no accuracy to report) and a
+    ``--metric_for_best_model`` that the evaluation (loss and ``top_k_accuracy(top_k)``) does
+    not report."""
+    if training_args.prediction_loss_only:
+        raise ValueError(
+            "--prediction_loss_only leaves the evaluation without accuracy, which this recipe "
+            "reports: drop --prediction_loss_only"
+        )
+    one_prediction = EvalPrediction(np.eye(max(top_k) + 2)[:1], np.zeros(1, dtype=int))
+    reported = ("loss", *top_k_accuracy(top_k)(one_prediction))
+    chosen = training_args.metric_for_best_model
+    if chosen is not None and chosen.removeprefix("eval_") not in reported:
+        raise ValueError(
+            f"--metric_for_best_model {chosen} is not among the evaluation's metrics "
+            f"({', '.join(reported)}): pick one of them"
+        )
     if training_args.metric_for_best_model is None:
         training_args.metric_for_best_model = "accuracy"
         training_args.greater_is_better = True

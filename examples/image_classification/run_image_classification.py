@@ -127,6 +127,7 @@ RECIPES = {"vit_finetune": PAPER_DEFAULTS, "resnet18_scratch": RESNET18_SCRATCH_
 
 
 MODEL_LIBRARIES = ("timm", "transformers")
+TOP_K = (1, 5)  # the accuracies reported
 
 
 @dataclass
@@ -390,7 +391,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Arguments:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model_args, data_args, lr_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
-    track_best_accuracy(training_args)
+    track_best_accuracy(training_args, top_k=TOP_K)
 
     train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
     image_column, label_column = image_and_label_columns(train_split, data_args)
@@ -404,7 +405,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         args=training_args,
         train_dataset=with_preprocessing(train_split, image_column, label_column, train_transform),
         eval_dataset=with_preprocessing(eval_split, image_column, label_column, eval_transform),
-        compute_metrics=top_k_accuracy((1, 5)),
+        compute_metrics=top_k_accuracy(TOP_K),
         processing_class=processor,
     )
     return train_and_evaluate(trainer, training_args)

@@ -12,6 +12,7 @@ model holds them between Trainer steps); metrics go to ``all_results.json`` (``e
 
 from __future__ import annotations
 
+import copy
 import logging
 import sys
 from dataclasses import dataclass, field
@@ -208,8 +209,12 @@ def subword_vocabularies(
 
 
 def build_model(
-    model_args: ModelArguments, vocabularies: JointBpeVocabularies, num_beams: int | None
+    model_args: ModelArguments,
+    vocabularies: JointBpeVocabularies,
+    training_args: TranslationTrainingArguments,
 ) -> MarianMTModel:
+    """A new Transformer, or the one of ``--model_name_or_path``, with the generation settings
+    of ``--generation_num_beams`` / ``--generation_max_length`` (default beam 5, 200 tokens)."""
     sizes = (len(vocabularies.source_tokens), len(vocabularies.target_tokens))
     if model_args.model_name_or_path is not None:
         model = MarianMTModel.from_pretrained(model_args.model_name_or_path)
@@ -222,20 +227,77 @@ def build_model(
                 f"{model.config.vocab_size}/{model.config.decoder_vocab_size} tokens, the subword "
                 f"vocabulary {sizes[0]}/{sizes[1]}: pass the --subword_dir of its run"
             )
-        return model
-    config = transformer_iwslt_de_en_config(
-        *sizes,
-        d_model=model_args.d_model,
-        encoder_layers=model_args.encoder_layers,
-        decoder_layers=model_args.decoder_layers,
-        attention_heads=model_args.attention_heads,
-        ffn_dim=model_args.ffn_dim,
-        dropout=model_args.dropout,
-        max_positions=model_args.max_positions,
+    else:
+        config = transformer_iwslt_de_en_config(
+            *sizes,
+            d_model=model_args.d_model,
+            encoder_layers=model_args.encoder_layers,
+            decoder_layers=model_args.decoder_layers,
+            attention_heads=model_args.attention_heads,
+            ffn_dim=model_args.ffn_dim,
+            dropout=model_args.dropout,
+            max_positions=model_args.max_positions,
+        )
+        model = MarianMTModel(config)
+    num_beams, max_length = training_args.generation_num_beams, training_args.generation_max_length
+    model.generation_config = translation_generation_config(
+        num_beams=5 if num_beams is None else num_beams,
+        max_length=200 if max_length is None else max_length,
     )
-    model = MarianMTModel(config)
-    model.generation_config = translation_generation_config(num_beams=num_beams or 5)
     return model
+
+
+def evaluation_metric_names(training_args: TranslationTrainingArguments) -> tuple[str, ...]:
+    """The metrics an evaluation returns: the loss, and the BLEU scores and generation length
+    with ``--predict_with_generate``."""
+    generated = ("bleu", "sacrebleu", "gen_len") if training_args.predict_with_generate else ()
+    return ("loss", *generated)
+
+
+def check_settings_before_training(
+    trainer: Seq2SeqTrainer, data_args: DataArguments, training_args: TranslationTrainingArguments
+) -> None:
+    """Reject the settings that would fail only after (part of) the training: when a checkpoint
+    or the final model is saved, at an evaluation, or on a long sentence. Each message says
+    what to change."""
+    model = trainer.model
+    positions = model.config.max_position_embeddings
+    generation = copy.deepcopy(model.generation_config)  # --generation_config may have replaced it
+    if training_args.generation_num_beams is not None:
+        generation.num_beams = training_args.generation_num_beams
+    if training_args.generation_max_length is not None:
+        generation.max_length = training_args.generation_max_length
+    for flag, length in (
+        ("--max_source_length", data_args.max_source_length),
+        ("--max_target_length", data_args.max_target_length),
+        ("--generation_max_length", generation.max_length),
+    ):
+        if length > positions:
+            raise ValueError(
+                f"{flag} {length} is longer than the model's {positions} positions: lower it, or "
+                "raise --max_positions (new models)"
+            )
+    for name, config in (("the model's", model.generation_config), ("evaluation's", generation)):
+        try:
+            config.validate(strict=True)
+        except ValueError as error:
+            raise ValueError(
+                f"{name} generation settings could not be used or saved after training: {error}\n"
+                "Change --generation_num_beams, --generation_max_length or --generation_config."
+            ) from None
+    if training_args.prediction_loss_only and training_args.predict_with_generate:
+        raise ValueError(
+            "--prediction_loss_only skips generation, so no BLEU can be computed: drop it, or "
+            "drop --predict_with_generate"
+        )
+    metric = training_args.metric_for_best_model
+    available = evaluation_metric_names(training_args)
+    if metric is not None and metric.removeprefix("eval_") not in available:
+        raise ValueError(
+            f"--metric_for_best_model {metric} is not among the evaluation's metrics "
+            f"({', '.join(available)}): pick one of them"
+            + ("" if training_args.predict_with_generate else " or add --predict_with_generate")
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -279,7 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             encode(split) for split in (train_split, eval_split, test_split)
         )
 
-    model = build_model(model_args, vocabularies, training_args.generation_num_beams)
+    model = build_model(model_args, vocabularies, training_args)
     if training_args.should_log:
         print(
             f"Transformer: {count_trainable_parameters(model) / 1e6:.2f}M trainable parameters "
@@ -302,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         compute_metrics=eval_metrics,
         max_tokens=data_args.max_tokens,
     )
+    check_settings_before_training(trainer, data_args, training_args)
 
     results: dict[str, Any] = {}
     if training_args.do_train:

@@ -67,12 +67,19 @@ def transformer_iwslt_de_en_config(
 def translation_generation_config(num_beams: int = 5, max_length: int = 200) -> GenerationConfig:
     """Beam search as ``fairseq-generate --beam 5``: hypotheses of at most ``max_length``
     tokens (fairseq's ``max_len_b``), length penalty 1, a beam ends when ``num_beams``
-    hypotheses have finished, ``<s>`` and ``<pad>`` are never generated."""
+    hypotheses have finished, ``<s>`` and ``<pad>`` are never generated. ``num_beams=1`` is
+    greedy decoding (``fairseq-generate --beam 1``), which has no beam to stop early."""
+    if num_beams < 1 or max_length < 1:
+        raise ValueError(
+            f"generation needs num_beams >= 1 (1: greedy) and max_length >= 1, got "
+            f"num_beams={num_beams}, max_length={max_length}: change --generation_num_beams or "
+            "--generation_max_length"
+        )
     return GenerationConfig(
         num_beams=num_beams,
         max_length=max_length,
         length_penalty=1.0,
-        early_stopping=True,
+        early_stopping=num_beams > 1,
         suppress_tokens=[BOS_ID, PAD_ID],
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
