@@ -17,11 +17,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
-from torch.optim.lr_scheduler import LRScheduler, MultiStepLR
 from transformers import HfArgumentParser, set_seed
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
@@ -33,6 +31,7 @@ from cifar_models import CIFAR_MODELS, create_cifar_model
 from image_classification_utils import (
     DataArguments,
     ImageClassifier,
+    MultiStepLRTrainer,
     image_and_label_columns,
     load_image_splits,
     num_classes,
@@ -100,30 +99,6 @@ class CifarDataArguments(DataArguments):
         },
     )
     crop_padding: int = field(default=4, metadata={"help": "Zero padding of the random crop."})
-
-
-class MultiStepLRTrainer(LookbehindTrainer):
-    """``LookbehindTrainer`` whose learning rate is multiplied by ``decay_factor`` at the given
-    epochs (the paper's MultiStepLR). The Trainer steps its scheduler once per optimizer step,
-    so the epochs become steps: ``epoch * num_training_steps / num_train_epochs``."""
-
-    def __init__(
-        self, *args: Any, decay_epochs: Sequence[int], decay_factor: float, **kwargs: Any
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.decay_epochs = list(decay_epochs)
-        self.decay_factor = decay_factor
-
-    def create_scheduler(
-        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
-    ) -> LRScheduler:
-        if self.lr_scheduler is None:
-            steps_per_epoch = num_training_steps / self.args.num_train_epochs
-            milestones = [round(epoch * steps_per_epoch) for epoch in self.decay_epochs]
-            self.lr_scheduler = MultiStepLR(
-                optimizer or self.optimizer, milestones, gamma=self.decay_factor
-            )
-        return self.lr_scheduler
 
 
 def cifar_dataset(
