@@ -1,4 +1,5 @@
-"""``python -m hf_lookbehind.analysis {sharpness,noise,curves,tradeoff,sweep} [options]``."""
+"""``python -m hf_lookbehind.analysis TOOL [options]``, TOOL one of sharpness, noise, curves,
+tradeoff, sweep, compute."""
 
 import sys
 
@@ -10,6 +11,7 @@ TOOLS = {
     "curves": cli.curves_main,
     "tradeoff": cli.tradeoff_main,
     "sweep": cli.sweep_main,
+    "compute": cli.compute_main,
 }
 
 if len(sys.argv) < 2 or sys.argv[1] not in TOOLS:

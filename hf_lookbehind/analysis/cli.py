@@ -14,6 +14,11 @@ from typing import Any
 
 import torch
 
+from .compute import (
+    compare_at_equal_performance,
+    compute_curves_to_dict,
+    metric_against_computations,
+)
 from .curves import (
     curves_to_dict,
     load_log_history,
@@ -323,3 +328,58 @@ def sweep_main(argv: Sequence[str] | None = None) -> None:
     output_dir = args.output_dir or args.output_root
     write_json(output_dir / "sweep.json", grid.to_dict())
     plot_sweep_heatmap(grid, output_dir / "sweep.png")
+
+
+def compute_main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lookbehind-compute",
+        description="A metric against the gradient computations (forward/backward passes) that "
+        "LookbehindTrainer logs, one line per run, and the computations at which each run first "
+        "reaches the reference run's best value, as a fraction of the reference's (Table 10).",
+    )
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="[LABEL=]OUTPUT_DIR",
+        help="Trainer output directories (or their trainer_state.json).",
+    )
+    parser.add_argument(
+        "--metric",
+        default="eval_accuracy",
+        help="A key of the evaluation entries, e.g. eval_accuracy, eval_top5, eval_bleu.",
+    )
+    parser.add_argument(
+        "--reference", help="Label of the reference run (Table 10: Multistep); default the first."
+    )
+    parser.add_argument(
+        "--target",
+        type=float,
+        help="The value to reach instead of the reference's best (the reference must reach it).",
+    )
+    parser.add_argument(
+        "--lower_is_better", action="store_true", help="For losses: reach at most the target."
+    )
+    parser.add_argument("--output_dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    runs = labelled(args.runs)
+    curves = {
+        label: metric_against_computations(load_log_history(run), args.metric)
+        for label, run in runs.items()
+    }
+    reference = args.reference or next(iter(runs))
+    comparison = compare_at_equal_performance(
+        curves,
+        reference,
+        metric=args.metric,
+        target=args.target,
+        greater_is_better=not args.lower_is_better,
+    )
+    from .plotting import plot_metric_against_computations
+
+    write_json(
+        args.output_dir / "compute.json",
+        {**comparison.to_dict(), "curves": compute_curves_to_dict(curves)},
+    )
+    plot_metric_against_computations(
+        curves, args.output_dir / "compute.png", metric=args.metric, comparison=comparison
+    )

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .compute import ComputeCurve, EqualPerformanceComparison
 from .curves import Curve, TradeoffPoint
 from .noise import NoiseRobustnessResult
 from .sharpness import SharpnessResult
@@ -96,6 +97,43 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Curve]], path: str | Pa
         axes.set_title(CURVE_TITLES.get(key, key))
         axes.set_xlabel("step")
         axes.legend(fontsize="small")
+    return _save(figure, path)
+
+
+def plot_metric_against_computations(
+    curves: Mapping[str, ComputeCurve],
+    path: str | Path,
+    *,
+    metric: str = "eval_accuracy",
+    comparison: EqualPerformanceComparison | None = None,
+) -> Figure:
+    """Table 10 as a figure: ``metric`` against the gradient computations, one line per run.
+    With a ``comparison``, a dashed line marks its target, a cross the first point at which each
+    run reaches it, and the legend gives that count as a fraction of the reference's."""
+    figure = _figure(6, 4)
+    axes = figure.add_subplot()
+    for label, curve in curves.items():
+        name = label
+        reached = comparison.runs.get(label) if comparison is not None else None
+        if reached is not None and reached.fraction is not None:
+            name = f"{label} ({reached.fraction:.0%} of {comparison.reference})"
+        (line,) = axes.plot(
+            curve.gradient_computations, curve.values, marker="o", markersize=3, label=name
+        )
+        if reached is not None and reached.computations is not None:
+            axes.plot(
+                [reached.computations],
+                [curve.values[curve.gradient_computations.index(reached.computations)]],
+                marker="x",
+                markersize=10,
+                color=line.get_color(),
+                linestyle="none",
+            )
+    if comparison is not None:
+        axes.axhline(comparison.target, color="grey", linestyle="--", linewidth=1)
+    axes.set_xlabel("gradient computations (forward/backward passes over the batch)")
+    axes.set_ylabel(metric)
+    axes.legend(fontsize="small")
     return _save(figure, path)
 
 
