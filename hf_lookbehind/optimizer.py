@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -48,7 +48,7 @@ from .alpha import adaptive_alpha
 from .batchnorm import batchnorm_modules, frozen_running_stats
 from .multi_tensor import copy_into_buffers, global_norm, lerp_, swap_storage, zero_nonfinite_
 from .perturbation import ascend_
-from .schedules import BUFFERS, FAST, FIRST_FAST, schedule_for
+from .schedules import BUFFERS, FAST, FIRST_FAST, micro_batch_ascent, schedule_for
 from .settings import METHODS, validate_settings
 from .sharding import local_shards
 
@@ -63,6 +63,7 @@ CYCLE_POSITION = "lookbehind_cycle_position"
 CYCLE_NONFINITE = "lookbehind_cycle_nonfinite"
 SKIPPED_STEPS = "lookbehind_skipped_steps"
 LAST_ALPHA = "lookbehind_last_alpha"
+GRADIENT_COMPUTATIONS = "lookbehind_gradient_computations"
 CONFIG = "lookbehind_config"
 # Which config entries a checkpoint must agree on to be resumed.
 _RESUME_KEYS = ("method", "k", "minibatch_switching", "adaptive")
@@ -102,6 +103,10 @@ class Lookbehind(torch.optim.Optimizer):
             Without ``model`` the engine does not touch BatchNorm and every pass updates.
         max_grad_norm: clip the global gradient norm of every descent update to this value
             (never the ascent direction); ``None`` does not clip.
+        micro_batch_ascent: m-SAM (Table 9): ``step`` takes a sequence of closures, one per
+            micro-batch, each perturbed with its own gradient; the descent uses the sum of their
+            gradients (see :func:`hf_lookbehind.schedules.micro_batch_ascent`). For ``sam`` and
+            same-batch ``lookbehind``.
     """
 
     def __init__(
@@ -119,6 +124,7 @@ class Lookbehind(torch.optim.Optimizer):
         model: nn.Module | None = None,
         batchnorm_update: str = "first_pass",
         max_grad_norm: float | None = None,
+        micro_batch_ascent: bool = False,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -135,6 +141,7 @@ class Lookbehind(torch.optim.Optimizer):
             minibatch_switching=minibatch_switching,
             batchnorm_update=batchnorm_update,
             max_grad_norm=max_grad_norm,
+            micro_batch_ascent=micro_batch_ascent,
         )
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model)}")
@@ -158,6 +165,7 @@ class Lookbehind(torch.optim.Optimizer):
         self.minibatch_switching = bool(minibatch_switching)
         self.batchnorm_update = batchnorm_update
         self.max_grad_norm = max_grad_norm
+        self.micro_batch_ascent = bool(micro_batch_ascent)
         self._batchnorms = batchnorm_modules(model)
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
@@ -167,12 +175,12 @@ class Lookbehind(torch.optim.Optimizer):
 
     # ----------------------------------------------------------------- configuration and state
     @property
-    def config(self) -> dict[str, Any]:
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments of the current setup (without the optimizer and the model)."""
         return {
             "method": self.method,
             "k": self.k,
             "alpha": self.alpha,
-            "adaptive": self.alpha == "adaptive",
             "rho": self.rho,
             "perturbation": self.perturbation,
             "asam_eta": self.asam_eta,
@@ -180,7 +188,34 @@ class Lookbehind(torch.optim.Optimizer):
             "minibatch_switching": self.minibatch_switching,
             "batchnorm_update": self.batchnorm_update,
             "max_grad_norm": self.max_grad_norm,
+            "micro_batch_ascent": self.micro_batch_ascent,
         }
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """:attr:`settings` and whether alpha is adaptive: what a checkpoint records."""
+        return {**self.settings, "adaptive": self.alpha == "adaptive"}
+
+    def reconfigure(self, **changes: Any) -> None:
+        """Switch to another setup between outer steps, keeping the base optimizer's state
+        (Sec. 5.4: SAM/ASAM for some epochs, then Lookbehind, or the reverse). ``changes`` are
+        constructor settings (``method``, ``k``, ``alpha``, ...); ``k`` falls back to its
+        default for the new method unless given. The Lookbehind buffers are released; the next
+        step allocates what the new setup needs."""
+        if self.cycle_position != 0:
+            raise RuntimeError(
+                f"reconfigure() between outer steps only: {self.cycle_position} of {self.k} "
+                "inner steps of the current cycle are done"
+            )
+        unknown = set(changes) - set(self.settings)
+        if unknown:
+            raise TypeError(f"unknown settings {sorted(unknown)}; allowed: {sorted(self.settings)}")
+        settings = {**self.settings, "k": None, **changes}
+        settings["k"] = validate_settings(**settings)
+        for name, value in settings.items():
+            setattr(self, name, value)
+        self.lookbehind_state.clear()
+        self._init_run_state()
 
     def _init_run_state(self) -> None:
         for group in self.param_groups:
@@ -190,6 +225,7 @@ class Lookbehind(torch.optim.Optimizer):
         run.setdefault(CYCLE_NONFINITE, None)
         run.setdefault(SKIPPED_STEPS, None)
         run.setdefault(LAST_ALPHA, None)
+        run.setdefault(GRADIENT_COMPUTATIONS, 0)
         run[CONFIG] = self.config
 
     @property
@@ -201,6 +237,12 @@ class Lookbehind(torch.optim.Optimizer):
     def skipped_steps(self) -> torch.Tensor | None:
         """Device counter of outer steps discarded for a non-finite gradient."""
         return self.param_groups[0][SKIPPED_STEPS]
+
+    @property
+    def gradient_computations(self) -> int:
+        """Forward/backward passes over the batch so far (Table 10's "gradient computations"),
+        kept in the state dict so that it continues across a resume."""
+        return self.param_groups[0][GRADIENT_COMPUTATIONS]
 
     @property
     def last_alpha(self) -> torch.Tensor | None:
@@ -298,10 +340,15 @@ class Lookbehind(torch.optim.Optimizer):
         """1 while the current outer step has seen only finite gradients, else 0."""
         return (~self.nonfinite_flag).to(dtype)
 
-    def forward_backward(self, closure: Closure, *, first: bool) -> torch.Tensor:
+    def forward_backward(
+        self, closure: Closure, *, first: bool, count: bool = True
+    ) -> torch.Tensor:
         """One pass: zero the gradients, run ``closure`` (forward + backward), then the
         :meth:`after_backward` hook. ``first``: the pass at the weights held on entry (the only
-        one that updates BatchNorm statistics with ``batchnorm_update='first_pass'``)."""
+        one that updates BatchNorm statistics with ``batchnorm_update='first_pass'``);
+        ``count``: the pass counts as one gradient computation over the batch."""
+        if count:
+            self.param_groups[0][GRADIENT_COMPUTATIONS] += 1
         self.base_optimizer.zero_grad(set_to_none=True)
         freeze = not first and self.batchnorm_update == "first_pass"
         stats = frozen_running_stats(self._batchnorms) if freeze else contextlib.nullcontext()
@@ -422,15 +469,29 @@ class Lookbehind(torch.optim.Optimizer):
         per-device ascent)."""
         return checked
 
+    def synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
+        """Hook for m-SAM (``micro_batch_ascent``): the gradient sums of the k inner steps,
+        before the descents. The Trainer averages them, and the non-finite flag, over the
+        processes. Does nothing by default."""
+
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> torch.Tensor:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Closure | Sequence[Closure] | None = None
+    ) -> torch.Tensor:
         """One step on one minibatch; ``closure`` computes the loss on it and calls
-        ``backward()`` (the engine zeroes gradients itself). Returns the loss of the first
-        pass, at the weights the parameters held on entry."""
+        ``backward()`` (the engine zeroes gradients itself). With ``micro_batch_ascent`` it may
+        be a sequence of closures, one per micro-batch. Returns the loss of the first pass, at
+        the weights the parameters held on entry."""
         if closure is None:
             raise ValueError(
                 "Lookbehind.step needs a closure that computes the loss on the minibatch and "
                 "calls backward(); it runs it once per forward/backward pass"
+            )
+        if self.micro_batch_ascent:
+            return micro_batch_ascent(self, [closure] if callable(closure) else list(closure))
+        if not callable(closure):
+            raise TypeError(
+                "a sequence of closures (one per micro-batch) needs micro_batch_ascent=True"
             )
         return schedule_for(self.method, self.minibatch_switching)(self, closure)

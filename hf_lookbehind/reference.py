@@ -135,6 +135,41 @@ class ReferenceLookbehind:
                     p.grad.copy_(sum(g[j] for g in descent_grads) / self.k)
             self.optimizer.step()
 
+    def step_micro_batches(self, micro_closures: Sequence[Closure]) -> None:
+        """m-SAM and Lookbehind-m-SAM (Table 9) on one batch given as micro-batches, one
+        closure each: every micro-batch keeps its own perturbed weights, and inner step i
+        descends with the sum of the micro-batch gradients, each at its own ``P_{j,i}``."""
+        slow = [p.detach().clone() for p in self.params]
+        perturbed = [[w.clone() for w in slow] for _ in micro_closures]
+        fast = [w.clone() for w in slow]
+        first_fast = None
+        for i in range(1 if self.method == "sam" else self.k):
+            descent = [None] * len(self.params)
+            for j, closure in enumerate(micro_closures):
+                with torch.no_grad():
+                    for p, w in zip(self.params, perturbed[j]):
+                        p.copy_(w)
+                self._grad_at_current_weights(closure)  # at P_{j,i-1}
+                self._ascent()  # P_{j,i}
+                perturbed[j] = [p.detach().clone() for p in self.params]
+                self._grad_at_current_weights(closure)  # at P_{j,i}
+                for n, p in enumerate(self.params):
+                    if p.grad is not None:
+                        g = p.grad.clone()
+                        descent[n] = g if descent[n] is None else descent[n] + g
+            with torch.no_grad():
+                for p, w, g in zip(self.params, slow, descent):
+                    p.copy_(w)
+                    p.grad = g
+            if self.method == "sam":
+                with torch.no_grad():
+                    self.optimizer.step()
+                return
+            fast = self._base_step_on(fast)
+            if i == 0:
+                first_fast = [f.clone() for f in fast]
+        self._interpolate(slow, fast, first_fast)
+
     @torch.no_grad()
     def _interpolate(self, slow, fast, first_fast) -> None:
         if self.alpha == "adaptive":

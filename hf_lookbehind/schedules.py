@@ -8,7 +8,7 @@ parameters hold ``S`` between calls.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,6 +23,11 @@ PERTURBED = "lookbehind_perturbed"
 FIRST_FAST = "lookbehind_first_fast"
 GRAD_SUM = "lookbehind_grad_sum"
 BUFFERS = (FAST, PERTURBED, FIRST_FAST, GRAD_SUM)
+
+
+def micro_batch_grad_sum(inner: int) -> str:
+    """Buffer key of the m-SAM gradient sum of inner step ``inner`` (1-based)."""
+    return f"{GRAD_SUM}_{inner}"
 
 
 def lookbehind_same_batch(engine: Lookbehind, closure: Closure) -> torch.Tensor:
@@ -110,12 +115,12 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
         engine.forward_backward(closure, first=False)
         checked = engine.checked_gradients()
         if average:
-            _accumulate_gradients(engine, checked.params, checked.grads, first=inner == 1)
+            _accumulate_gradients(engine, checked.params, checked.grads, GRAD_SUM, first=inner == 1)
     slow = engine.buffers(PERTURBED)
     engine.record_perturbation_distance([p.data for p in params], slow)
     copy_values_([p.data for p in params], slow)  # params <- S; buffer keeps S
     if average:
-        _load_average_gradients(engine)
+        _load_gradient_sum(engine, GRAD_SUM, divisor=float(engine.k))
     engine.base_update()
     # A skipped step restores S exactly: lerp with weight 1 returns its end point.
     lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
@@ -123,30 +128,91 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     return loss
 
 
-def _accumulate_gradients(engine: Lookbehind, params, grads, *, first: bool) -> None:
+def _accumulate_gradients(engine: Lookbehind, params, grads, key: str, *, first: bool) -> None:
+    """``state[p][key] <- grads`` (``first``) or ``+= grads``."""
     state = engine.lookbehind_state
     if first:
         for p, grad in zip(params, grads, strict=True):
-            if GRAD_SUM not in state[p]:
-                state[p][GRAD_SUM] = torch.empty_like(grad)
-        copy_values_([state[p][GRAD_SUM] for p in params], grads)
+            if key not in state[p]:
+                state[p][key] = torch.empty_like(grad)
+        copy_values_([state[p][key] for p in params], grads)
     else:
-        torch._foreach_add_([state[p][GRAD_SUM] for p in params], grads)
+        torch._foreach_add_([state[p][key] for p in params], grads)
 
 
-def _load_average_gradients(engine: Lookbehind) -> None:
-    """Put the average of the summed gradients into ``.grad`` (the sums' storage becomes the
-    buffer for the next step's sums)."""
-    engine.forget_checked_norm()  # the averaged gradients are not the checked ones
+def _buffers_if_present(engine: Lookbehind, key: str) -> list[torch.Tensor]:
     state = engine.lookbehind_state
-    params = [p for p in engine.params if p.grad is not None]
+    return [state[p][key] for p in engine.params if key in state[p]]
+
+
+def _load_gradient_sum(engine: Lookbehind, key: str, *, divisor: float) -> None:
+    """Put the summed gradients ``state[p][key] / divisor`` into ``.grad`` (the sums' storage
+    and the gradients' swap places, so nothing is allocated). Passes before a non-finite one
+    were summed unzeroed, so the result is gated by the non-finite flag."""
+    engine.forget_checked_norm()  # these gradients are not the checked ones
+    state = engine.lookbehind_state
+    params = [p for p in engine.params if key in state[p]]
     for p in params:
-        p.grad, state[p][GRAD_SUM] = state[p][GRAD_SUM], p.grad
+        if p.grad is None:
+            p.grad = torch.empty_like(state[p][key])
+        p.grad, state[p][key] = state[p][key], p.grad
     if params:
-        average = [p.grad for p in params]
-        torch._foreach_div_(average, float(engine.k))
-        # Passes before a non-finite one were summed unzeroed: gate the average too.
-        torch._foreach_mul_(average, engine.keep_factor(average[0].dtype))
+        loaded = [p.grad for p in params]
+        if divisor != 1.0:
+            torch._foreach_div_(loaded, divisor)
+        torch._foreach_mul_(loaded, engine.keep_factor(loaded[0].dtype))
+
+
+def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch.Tensor:
+    """m-SAM (Foret et al.; Table 9 of the Lookbehind paper) and Lookbehind-m-SAM, same batch.
+
+    The batch comes as micro-batches, one closure each; like gradient accumulation, each
+    closure's loss is its share of the batch loss, so the gradients sum to the batch gradient.
+    Every micro-batch ``j`` follows its own ascent path from ``S``:
+    ``P_{j,i} = P_{j,i-1} + eps(g_j(P_{j,i-1}))``, and inner step i descends with the sum over
+    ``j`` of ``g_j(P_{j,i})``: ``F_i = A(F_{i-1}, sum_j g_j(P_{j,i}))`` (for sam, k = 1 and
+    ``S <- A(S, sum_j g_j(P_{j,1}))``). Since no ``P`` depends on ``F``, the micro-batches run
+    one after the other (each k + 1 passes) and the k descents follow, so the memory does not
+    grow with the number of micro-batches: one copy of ``S`` and k gradient sums (plus ``F``,
+    and ``F_1`` for adaptive alpha). Only the first micro-batch's passes are counted as
+    gradient computations: the k + 1 passes over the batch.
+    """
+    params = engine.params
+    state = engine.lookbehind_state
+    sums = [micro_batch_grad_sum(i) for i in range(1, engine.k + 1)]
+    copy_into_buffers(params, state, PERTURBED)  # keeps S
+    slow = engine.buffers(PERTURBED)
+    loss = None
+    for index, closure in enumerate(closures):
+        if index > 0:
+            copy_values_([p.data for p in params], slow)  # params <- S
+        micro_loss = engine.forward_backward(closure, first=True, count=index == 0)
+        loss = micro_loss if loss is None else loss + micro_loss
+        checked = engine.checked_gradients()
+        if index == 0:
+            engine.last_ascent_grad_norm = checked.norm
+        for key in sums:
+            engine.ascend(checked)  # P_{j,i}
+            engine.forward_backward(closure, first=False, count=index == 0)
+            checked = engine.checked_gradients()
+            _accumulate_gradients(engine, checked.params, checked.grads, key, first=index == 0)
+    engine.record_perturbation_distance([p.data for p in params], slow)  # of the last path
+    copy_values_([p.data for p in params], slow)  # params <- S
+    engine.synchronize_gradient_sums([t for key in sums for t in _buffers_if_present(engine, key)])
+    if engine.method == "sam":
+        _load_gradient_sum(engine, sums[0], divisor=1.0)
+        engine.base_update()
+        # A skipped step restores S exactly: lerp with weight 1 returns its end point.
+        lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
+        engine.close_cycle()
+        return loss
+    copy_into_buffers(params, state, FAST)  # F_0 = S
+    for inner, key in enumerate(sums, start=1):
+        _load_gradient_sum(engine, key, divisor=1.0)
+        engine.descend(record_first=inner == 1 and engine.alpha == "adaptive")
+    slow = [p.data for p in params]
+    engine.finish_outer_step(slow)
+    return loss
 
 
 Schedule = Callable[["Lookbehind", "Closure"], torch.Tensor]

@@ -47,6 +47,7 @@ def validate_settings(
     minibatch_switching: bool,
     batchnorm_update: str,
     max_grad_norm: float | None = None,
+    micro_batch_ascent: bool = False,
 ) -> int:
     """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
     Returns ``k`` with its default filled in (2, or 1 for sam)."""
@@ -69,6 +70,12 @@ def validate_settings(
         raise ValueError(
             f"minibatch_switching is a lookbehind mode; method={method!r} has no such mode "
             "(lookahead always takes one minibatch per inner step)"
+        )
+    if micro_batch_ascent and (method not in ("sam", "lookbehind") or minibatch_switching):
+        raise ValueError(
+            "micro_batch_ascent (m-SAM) is defined for method='sam' and for method='lookbehind' "
+            f"in same-batch mode, not method={method!r}"
+            + (" with minibatch_switching" if minibatch_switching else "")
         )
     if max_grad_norm is not None:
         _check_nonnegative("max_grad_norm", max_grad_norm)

@@ -32,12 +32,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
+from .method_window import MethodWindow
 from .multi_tensor import global_norm, zero_nonfinite_
-from .optimizer import CheckedGradients, Lookbehind
-from .training_args import UNSUPPORTED_SHARDING, LookbehindTrainingArguments
+from .optimizer import CONFIG, CheckedGradients, Lookbehind
+from .training_args import LookbehindTrainingArguments, check_sharding
 
 LOCAL_GRAD = "lookbehind_local_grad"
+OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
 
 
 class _TrainerLookbehind(Lookbehind):
@@ -45,9 +48,16 @@ class _TrainerLookbehind(Lookbehind):
     ``ascent_sync="per_device"`` perturbs with each process's own gradient, and the Trainer's
     own ``optimizer.step()`` after the step is a no-op."""
 
-    def __init__(self, *args: Any, ascent_sync: str = "global", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        ascent_sync: str = "global",
+        method_window: MethodWindow | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.ascent_sync = ascent_sync
+        self.method_window = method_window
         self.grad_scaler: torch.amp.GradScaler | None = None
 
     @property
@@ -63,6 +73,25 @@ class _TrainerLookbehind(Lookbehind):
         if closure is None:  # the Trainer's optimizer.step(): the work is done already
             return None
         return super().step(closure)
+
+    def follow_method_window(self, epoch: float) -> None:
+        """Switch to the phase of ``epoch`` (Sec. 5.4); in switching and lookahead mode only
+        once the current cycle is complete, so a switch never cuts an outer step."""
+        if self.method_window is None or self.cycle_position != 0:
+            return
+        phase = self.method_window.settings_at(epoch)
+        if any(getattr(self, key) != value for key, value in phase.items()):
+            self.reconfigure(**phase)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """With a method window, a checkpoint may come from either phase: take its setup first,
+        so that its mid-cycle buffers resume exactly."""
+        saved = state_dict["param_groups"][0].get(CONFIG)
+        if self.method_window is not None and saved is not None:
+            phase = self.method_window.phase_of(saved)
+            if phase is not None:
+                self.reconfigure(**phase)
+        super().load_state_dict(state_dict)
 
     def after_backward(self) -> None:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
@@ -85,6 +114,20 @@ class _TrainerLookbehind(Lookbehind):
         for handle in handles:
             handle.wait()
         torch._foreach_div_(grads, float(world_size))
+
+    def synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
+        """m-SAM under DDP: every process ran its micro-batches without all-reduce; average the
+        gradient sums over the processes, and skip the step everywhere if any process saw a
+        non-finite gradient (its own sums were zeroed from that pass on)."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        flag = self.nonfinite_flag.to(torch.int32)
+        handles = [dist.all_reduce(t, async_op=True) for t in sums]
+        handles.append(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
+        for handle in handles:
+            handle.wait()
+        torch._foreach_div_(sums, float(dist.get_world_size()))
+        self.nonfinite_flag.copy_(flag.bool())
 
     def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
         if not self.per_device_ascent:
@@ -124,8 +167,13 @@ class LookbehindTrainer(Trainer):
                 "LookbehindTrainer needs LookbehindTrainingArguments, got "
                 f"{type(self.args).__name__}"
             )
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError(UNSUPPORTED_SHARDING)
+        fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        check_sharding(  # also catches FSDP/DeepSpeed set up by the accelerate config
+            deepspeed=self.is_deepspeed_enabled or self.is_fsdp_xla_enabled,
+            fsdp_version=None if fsdp_plugin is None else fsdp_plugin.fsdp_version,
+            ascent_sync=self.args.ascent_sync,
+            fp16=self.accelerator.mixed_precision == "fp16",
+        )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             raise ValueError(
@@ -174,6 +222,7 @@ class LookbehindTrainer(Trainer):
             base,
             model=self.model,
             ascent_sync=self.args.ascent_sync,
+            method_window=self.args.method_window(),
             **self.args.lookbehind_kwargs(),
         )
         return self.optimizer
@@ -211,7 +260,15 @@ class LookbehindTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         self._window = []
         self._take_over_grad_scaler(engine)
+        engine.follow_method_window(self.state.epoch or 0.0)
         window = [self._prepare_inputs(micro_batch) for micro_batch in window]
+
+        if engine.micro_batch_ascent:  # m-SAM: one closure per micro-batch, no all-reduce
+            closures = [
+                self._micro_batch_closure(model, micro_batch, num_items_in_batch)
+                for micro_batch in window
+            ]
+            return engine.step(closures).detach()
 
         def closure() -> torch.Tensor:
             total = torch.zeros((), device=self.args.device)
@@ -227,6 +284,44 @@ class LookbehindTrainer(Trainer):
         loss = engine.step(closure)
         return loss.detach()
 
+    def _micro_batch_closure(self, model: nn.Module, micro_batch, num_items_in_batch):
+        def closure() -> torch.Tensor:
+            with self.accelerator.no_sync(model):
+                return super(LookbehindTrainer, self).training_step(
+                    model, micro_batch, num_items_in_batch
+                )
+
+        return closure
+
+    # --------------------------------------------------------------- FSDP2 checkpoints
+    @property
+    def saves_optimizer_shards(self) -> bool:
+        """Under FSDP2 every process saves and loads its own shard of the engine's state (base
+        optimizer state, mid-cycle buffers, run state) in ``OPTIMIZER_SHARD``. The Trainer's
+        own FSDP path loads through ``torch.distributed.checkpoint``'s
+        ``set_optimizer_state_dict``, whose template comes from a ``step(closure=None)`` that
+        the engine does not run, so it cannot load the base optimizer's state or the buffers."""
+        return self.is_fsdp_enabled and self.lookbehind is not None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.saves_optimizer_shards:
+            shard = OPTIMIZER_SHARD.format(rank=self.args.process_index)
+            torch.save(self.lookbehind.state_dict(), os.path.join(output_dir, shard))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if checkpoint is None or not self.saves_optimizer_shards:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        shard = os.path.join(checkpoint, OPTIMIZER_SHARD.format(rank=self.args.process_index))
+        if not os.path.isfile(shard):
+            raise FileNotFoundError(
+                f"{shard} not found: a FSDP2 checkpoint of LookbehindTrainer resumes with the "
+                "number of processes that wrote it (one optimizer shard per process)"
+            )
+        self.lookbehind.load_state_dict(torch.load(shard, weights_only=True))
+        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
+        self.lr_scheduler.load_state_dict(scheduler)
+
     def _clip_grad_norm(self, model: nn.Module):
         engine = self.lookbehind
         if engine is None:
@@ -240,10 +335,22 @@ class LookbehindTrainer(Trainer):
         return engine.last_descent_grad_norm
 
     # ---------------------------------------------------------------------------- logging
+    @property
+    def gradient_computations(self) -> int:
+        """Forward/backward passes over the batch so far (Table 10): the engine's count, which
+        resumes with the optimizer state; one per step for the base optimizer alone."""
+        engine = self.lookbehind
+        if engine is not None:
+            return engine.gradient_computations
+        return 0 if self.uses_lookbehind else self.state.global_step
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Every entry, evaluation included, gets ``gradient_computations``; training entries
+        also get the engine's diagnostics."""
         engine = self.lookbehind
         if engine is not None and "loss" in logs:
             logs.update(lookbehind_metrics(engine))
+        logs["gradient_computations"] = self.gradient_computations
         super().log(logs, start_time)
 
 

@@ -9,16 +9,39 @@ from transformers import TrainingArguments
 
 from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
+from .method_window import PHASE_KEYS, MethodWindow
 from .perturbation import PERTURBATIONS
 from .settings import METHODS, validate_settings
 
 TRAINER_METHODS = (*METHODS, "none")
 UNSUPPORTED_SHARDING = (
-    "LookbehindTrainer does not support DeepSpeed or FSDP yet: the engine swaps whole parameter "
-    "tensors between slow, fast and perturbed weights. Use DDP (accelerate launch --multi_gpu) "
-    "or a single device."
+    "LookbehindTrainer shards models with FSDP2 only (--fsdp full_shard --fsdp_config "
+    "'{\"version\": 2}', or fsdp_version: 2 in the accelerate config, as in "
+    "examples/accelerate_configs/fsdp2.yaml): the engine works on FSDP2's DTensor shards, while "
+    "DeepSpeed and FSDP1 keep the parameters in flat buffers of their own. Without sharding, "
+    "use DDP (accelerate launch --multi_gpu) or a single device."
 )
-ASCENT_SYNCS = ("global", "per_device")
+ASCENT_SYNCS = ("global", "per_device", "per_micro_batch")
+BASELINE_METHODS = ("sam", "multistep", "multistep_avg")
+
+
+def check_sharding(
+    *, deepspeed: bool, fsdp_version: int | None, ascent_sync: str, fp16: bool
+) -> None:
+    """Refuse a sharding setup the engine does not support, saying what is allowed.
+    ``fsdp_version`` is None without FSDP."""
+    if deepspeed or fsdp_version not in (None, 2):
+        raise ValueError(UNSUPPORTED_SHARDING)
+    if fsdp_version is None:
+        return
+    if ascent_sync != "global":
+        raise ValueError(
+            f"--ascent_sync {ascent_sync} needs DDP: under FSDP2 every backward reduce-scatters "
+            "the gradients, so no process keeps a gradient of its own; use --ascent_sync global "
+            "or DDP"
+        )
+    if fp16:
+        raise ValueError("fp16 loss scaling is not supported under FSDP2; use --bf16")
 
 
 def parse_alpha(value: str | float) -> float | str:
@@ -100,7 +123,10 @@ class LookbehindTrainingArguments(TrainingArguments):
         metadata={
             "help": "global: the ascent gradient is averaged over all processes (N processes "
             "reproduce one on the global batch); per_device: each process perturbs with its own "
-            "gradient (m-SAM with m = per-device batch, as the original JAX SAM).",
+            "gradient (m-SAM with m = per-device batch, as the original JAX SAM); "
+            "per_micro_batch: every gradient-accumulation micro-batch on every process is "
+            "perturbed with its own gradient (m-SAM with m = per_device_train_batch_size, "
+            "Table 9; sam and same-batch lookbehind).",
             "choices": list(ASCENT_SYNCS),
         },
     )
@@ -110,6 +136,29 @@ class LookbehindTrainingArguments(TrainingArguments):
             "help": "Apply --weight_decay to every parameter, BatchNorm and biases included (the "
             "paper's public code: plain SGD weight decay); by default the Trainer exempts biases "
             "and LayerNorm/RMSNorm parameters."
+        },
+    )
+    lookbehind_start_epoch: float = field(
+        default=0.0,
+        metadata={
+            "help": "Sec. 5.4: train with --baseline_method until this epoch, then with "
+            "--lookbehind_method (the base optimizer's state carries over)."
+        },
+    )
+    lookbehind_end_epoch: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sec. 5.4: from this epoch on, train with --baseline_method again; default: "
+            "--lookbehind_method to the end."
+        },
+    )
+    baseline_method: str = field(
+        default="sam",
+        metadata={
+            "help": "The method outside the epochs [--lookbehind_start_epoch, "
+            "--lookbehind_end_epoch), with the same perturbation and rho (k: 1 for sam, "
+            "--lookbehind_k for multistep).",
+            "choices": list(BASELINE_METHODS),
         },
     )
     batchnorm_update: str = field(
@@ -122,7 +171,7 @@ class LookbehindTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.deepspeed or self.fsdp:
+        if self.deepspeed:
             raise ValueError(UNSUPPORTED_SHARDING)
         super().__post_init__()
         for name, value, allowed in (
@@ -131,8 +180,51 @@ class LookbehindTrainingArguments(TrainingArguments):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        fsdp = getattr(self, "fsdp_plugin_args", None)  # None without --fsdp
+        check_sharding(
+            deepspeed=False,
+            fsdp_version=None if not fsdp else fsdp.get("fsdp_version"),
+            ascent_sync=self.ascent_sync,
+            fp16=self.fp16,
+        )
         if self.lookbehind_method != "none":
             validate_settings(**self.lookbehind_kwargs())
+        self.method_window()
+
+    def method_window(self) -> MethodWindow | None:
+        """The epochs of ``--lookbehind_method`` and ``--baseline_method`` around them
+        (Sec. 5.4), or None when the whole run uses ``--lookbehind_method``. Both phases'
+        settings are validated."""
+        if self.lookbehind_start_epoch == 0.0 and self.lookbehind_end_epoch is None:
+            return None
+        if self.lookbehind_method == "none":
+            raise ValueError(
+                "--lookbehind_start_epoch/--lookbehind_end_epoch switch between "
+                "--lookbehind_method and --baseline_method; --lookbehind_method none has no engine"
+            )
+        if self.baseline_method not in BASELINE_METHODS:
+            raise ValueError(
+                f"unknown baseline_method {self.baseline_method!r}; allowed: "
+                f"{', '.join(BASELINE_METHODS)}"
+            )
+        inside = self.lookbehind_kwargs()
+        inside["k"] = validate_settings(**inside)
+        outside = {
+            **inside,
+            "method": self.baseline_method,
+            "k": None if self.baseline_method == "sam" else self.lookbehind_k,
+            "alpha": 1.0,  # not read by the baselines
+            "minibatch_switching": False,
+        }
+        outside["k"] = validate_settings(**outside)
+        return MethodWindow(
+            start_epoch=float(self.lookbehind_start_epoch),
+            end_epoch=None
+            if self.lookbehind_end_epoch is None
+            else float(self.lookbehind_end_epoch),
+            inside={key: inside[key] for key in PHASE_KEYS},
+            outside={key: outside[key] for key in PHASE_KEYS},
+        )
 
     def lookbehind_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`hf_lookbehind.Lookbehind` (without the optimizer and
@@ -149,4 +241,5 @@ class LookbehindTrainingArguments(TrainingArguments):
             "minibatch_switching": self.minibatch_switching,
             "batchnorm_update": self.batchnorm_update,
             "max_grad_norm": self.max_grad_norm or None,
+            "micro_batch_ascent": self.ascent_sync == "per_micro_batch",
         }

@@ -358,7 +358,10 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
         (dict(rho=-1.0), "rho must be a finite number >= 0"),
         (dict(asam_eta=-1.0), "asam_eta must be a finite number >= 0"),
         (dict(perturbation="gsam"), "unknown perturbation 'gsam'"),
-        (dict(ascent_sync="ring"), "unknown ascent_sync 'ring'; allowed: global, per_device"),
+        (
+            dict(ascent_sync="ring"),
+            "unknown ascent_sync 'ring'; allowed: global, per_device, per_micro_batch",
+        ),
         (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),
         (dict(adaptive_alpha_scope="layer"), "unknown adaptive_scope 'layer'"),
         (dict(lookbehind_method="sam", lookbehind_k=3), "method='sam' takes k=1"),
