@@ -279,7 +279,8 @@ def create_timm_model(
     model_args: ModelArguments, classes: int, data_args: ImageNetDataArguments | None = None
 ) -> tuple[torch.nn.Module, dict]:
     """The timm model and its preprocessing config (input size, interpolation, crop, mean/std):
-    the model's own, with the preprocessing flags of ``data_args`` on top."""
+    the model's own, with the preprocessing flags of ``data_args`` (default: none set) on top."""
+    data_args = data_args if data_args is not None else ImageNetDataArguments()
     overrides = architecture_overrides(model_args.model_config)
     if model_args.model_checkpoint is not None:
         overrides = {**overrides, "checkpoint_path": model_args.model_checkpoint}
@@ -290,9 +291,7 @@ def create_timm_model(
     model_input_size = model.pretrained_cfg["input_size"]
     if "img_size" in overrides:  # the registered config still names the original size
         model_input_size = (3, *timm.layers.to_2tuple(overrides["img_size"]))
-    data_overrides = {"input_size": model_input_size}
-    if data_args is not None:
-        data_overrides.update(data_args.timm_data_overrides())
+    data_overrides = {"input_size": model_input_size, **data_args.timm_data_overrides()}
     if model.pretrained_cfg.get("fixed_input_size") and (
         data_overrides["input_size"] != model_input_size
     ):
@@ -327,9 +326,10 @@ def create_model(
     models) the image processor to save with it. timm models use timm's transforms of their
     data config (training: random resized crop, flip, colour jitter; evaluation: resize to
     size / crop_pct and center crop); transformers models evaluate through their own image
-    processor and train on random resized crops and flips at its size, mean and std."""
-    color_jitter = data_args.color_jitter if data_args is not None else 0.4
-    augmentation = {"is_training": True, "color_jitter": color_jitter or None}
+    processor and train on random resized crops and flips at its size, mean and std. The
+    preprocessing flags come from ``data_args`` (default: the flags' defaults)."""
+    data_args = data_args if data_args is not None else ImageNetDataArguments()
+    augmentation = {"is_training": True, "color_jitter": data_args.color_jitter or None}
     if model_args.model_library == "timm":
         model, data_config = create_timm_model(model_args, classes, data_args)
         return (
