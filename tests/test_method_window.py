@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_harness import ToyDataset, make_args, make_model, make_trainer
+from trainer_harness import ToyDataset, make_args, make_model, make_trainer, sequential_closures
 
 from hf_lookbehind import Lookbehind
 
@@ -21,22 +21,13 @@ def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
 def handed_over_loop(phases: list[tuple[int, dict]]) -> torch.nn.Module:
     """Independent expectation: for each (steps, settings), a new engine around the same SGD
     optimizer (its momentum carries over) trains on the next sequential batches."""
-    model, dataset = make_model(), ToyDataset()
+    model = make_model()
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step = 0
+    closures = sequential_closures(model, BATCH, sum(steps for steps, _ in phases))
     for steps, settings in phases:
         engine = Lookbehind(base, rho=0.1, **settings)
         for _ in range(steps):
-            start = (step % STEPS_PER_EPOCH) * BATCH
-            x, y = dataset.x[start : start + BATCH], dataset.y[start : start + BATCH]
-
-            def closure(x=x, y=y):
-                loss = model(x, labels=y)["loss"]
-                loss.backward()
-                return loss
-
-            engine.step(closure)
-            step += 1
+            engine.step(next(closures))
     return model
 
 

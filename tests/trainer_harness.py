@@ -94,10 +94,10 @@ def make_trainer(output_dir, model=None, dataset=None, **overrides) -> InOrderTr
     )
 
 
-def plain_loop(model: nn.Module, batch_size: int, steps: int, **engine_kwargs) -> nn.Module:
-    """The same training without the Trainer: the engine in a loop over sequential batches."""
+def sequential_closures(model: nn.Module, batch_size: int, steps: int):
+    """One closure per step over the sequential batches of ``ToyDataset`` (the Trainer's data
+    order here), wrapping around at the end of each epoch."""
     dataset = ToyDataset()
-    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **engine_kwargs)
     batches_per_epoch = len(dataset) // batch_size
     for step in range(steps):
         start = (step % batches_per_epoch) * batch_size
@@ -108,6 +108,13 @@ def plain_loop(model: nn.Module, batch_size: int, steps: int, **engine_kwargs) -
             loss.backward()
             return loss
 
+        yield closure
+
+
+def plain_loop(model: nn.Module, batch_size: int, steps: int, **engine_kwargs) -> nn.Module:
+    """The same training without the Trainer: the engine in a loop over sequential batches."""
+    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **engine_kwargs)
+    for closure in sequential_closures(model, batch_size, steps):
         engine.step(closure)
     return model
 
