@@ -6,12 +6,16 @@ one-image-per-class ImageNet sample at a small resolution."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms import v2
+
+from hf_lookbehind import Lookbehind
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
 
@@ -24,6 +28,23 @@ from image_classification_utils import (
 from run_image_classification import create_model, main, parse_arguments
 
 RECIPE = ("--recipe", "resnet18_scratch")
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "examples" / "image_classification" / "README.md"
+# Table 1's rows, in order, and the method each names: (engine method, perturbation, rho).
+TABLE_1 = [
+    ("SGD", "none", "sam", None),
+    ("Lookahead-SGD", "lookahead", "none", None),
+    ("SAM", "sam", "sam", 0.05),
+    ("Multistep-SAM", "multistep", "sam", 0.05),
+    ("+ average grads", "multistep_avg", "sam", 0.05),
+    ("Lookahead-SAM", "lookahead", "sam", 0.05),
+    ("Lookbehind-SAM", "lookbehind", "sam", 0.05),
+    ("ASAM", "sam", "asam", 0.5),
+    ("Multistep-ASAM", "multistep", "asam", 0.5),
+    ("+ average grads", "multistep_avg", "asam", 0.5),
+    ("Lookahead-ASAM", "lookahead", "asam", 0.5),
+    ("Lookbehind-ASAM", "lookbehind", "asam", 0.5),
+]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -134,6 +155,62 @@ def test_schedule_decays_at_epochs_30_and_60_of_90(tmp_path):
         epoch = step // steps_per_epoch
         expected = base * 0.1 ** ((epoch >= 30) + (epoch >= 60))
         assert rate == pytest.approx(expected, rel=1e-12), (step, epoch)
+
+
+def readme_table_1() -> list[tuple[str, str, int, str]]:
+    """(method, method flags, passes per step, quoted paper number) of the README's table."""
+    section = README.read_text().split("### Commands and the paper's numbers")[1]
+    rows = re.findall(r"^\| ([^|`]+?) \| `([^`]+)` \| (\d+) \| ([^|]+?) \|$", section, re.M)
+    return [(name, flags, int(passes), paper) for name, flags, passes, paper in rows]
+
+
+def passes_per_step(args) -> int:
+    """Forward/backward passes of one optimizer step of the engine that ``args`` configure, on
+    a small model (the base optimizer alone for ``--lookbehind_method none``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if args.lookbehind_method != "none":
+        optimizer = Lookbehind(optimizer, model=model, **args.lookbehind_kwargs())
+    inputs, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    passes = []
+
+    def closure() -> torch.Tensor:
+        passes.append(1)
+        loss = torch.nn.functional.cross_entropy(model(inputs), labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return len(passes)
+
+
+def test_every_table_1_command_of_the_readme_builds_its_method(tmp_path):
+    """Each README command parses with the recipe into the method its row names, and one step
+    runs the passes the README states (Lookahead: one inner step per Trainer step)."""
+    rows = readme_table_1()
+    assert [name for name, *_ in rows] == [name for name, *_ in TABLE_1]
+    for (name, flags, passes, _), (_, method, perturbation, rho) in zip(rows, TABLE_1):
+        args = parse_arguments([*RECIPE, *shlex.split(flags), "--output_dir", str(tmp_path)])[3]
+        assert (args.lookbehind_method, args.perturbation) == (method, perturbation), name
+        if rho is not None:
+            assert args.rho == rho, name
+        assert passes_per_step(args) == passes, name
+
+
+def test_readme_quotes_table_1_of_the_paper(shared_data):
+    """The README's last column is the paper's Table 1, ImageNet ResNet-18 column."""
+    paper = shared_data.parent / "paper" / "README.md"
+    if not paper.is_file():
+        pytest.skip(f"no transcription of the paper's tables at {paper}")
+    table = paper.read_text().split("Table 1:")[1].split("Table 2:")[0]
+    imagenet = [
+        re.sub(r"\s+", "", row.split("|")[-2])
+        for row in table.splitlines()
+        if row.startswith("| ") and "±" in row
+    ]
+    quoted = [re.sub(r"\s+", "", paper_number) for *_, paper_number in readme_table_1()]
+    assert quoted == imagenet
 
 
 def test_bad_recipe_and_schedule_flags_fail_when_parsed(tmp_path):
