@@ -198,6 +198,18 @@ def test_every_table_1_command_of_the_readme_builds_its_method(tmp_path):
         assert passes_per_step(args) == passes, name
 
 
+def test_sam_baseline_in_both_recipes(tmp_path):
+    """k defaults to the method's (2; 1 for SAM) in both recipes, so the SAM baseline needs no
+    --lookbehind_k."""
+    flags = ["--lookbehind_method", "sam", "--minibatch_switching", "False"]
+    for recipe in ("vit_finetune", "resnet18_scratch"):
+        args = parse_arguments(["--recipe", recipe, *flags, "--output_dir", str(tmp_path)])[3]
+        assert passes_per_step(args) == 2, recipe
+    args = parse_arguments(["--output_dir", str(tmp_path)])[3]  # the ViT default: Lookbehind
+    assert (args.lookbehind_method, args.minibatch_switching) == ("lookbehind", True)
+    assert passes_per_step(args) == 2  # one inner step of k = 2 with switching
+
+
 def test_readme_quotes_table_1_of_the_paper(shared_data):
     """The README's last column is the paper's Table 1, ImageNet ResNet-18 column."""
     paper = shared_data.parent / "paper" / "README.md"

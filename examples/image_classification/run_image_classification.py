@@ -80,7 +80,6 @@ PAPER_DEFAULTS = {
     "per_device_eval_batch_size": 128,
     "lookbehind_method": "lookbehind",
     "minibatch_switching": True,
-    "lookbehind_k": 2,
     "lookbehind_alpha": "0.8",
     "rho": 0.1,
     "eval_strategy": "epoch",
@@ -118,7 +117,6 @@ RESNET18_SCRATCH_DEFAULTS = {
     "per_device_train_batch_size": 256,
     "per_device_eval_batch_size": 256,
     "minibatch_switching": False,
-    "lookbehind_k": None,  # the method's default: 2, or 1 for sam
     "lookbehind_alpha": "0.5",
     "rho": 0.05,
 }
