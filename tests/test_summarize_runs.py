@@ -56,7 +56,7 @@ def test_translation_rows(tmp_path, capsys):
     run = write_run(tmp_path / "sam_rho0.1_seed0", results, [{"loss": 5.0}, {"loss": 4.0}])
     main(["--kind", "translation", run])
     assert capsys.readouterr().out.splitlines()[2] == (
-        "| sam_rho0.1 | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 | 4.000 |"
+        "| sam_rho0.1 | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 |"
     )
 
 
