@@ -79,22 +79,24 @@ EOF
 run_translation() {
   prepare_multi30k
   local rho
-  # In order of priority: the first rho for every method, the alpha = 1 check, then the sweep.
+  # In order of priority (rho 0.05: the public code's SAM value), then a rho sweep.
   translate adam 0 --lookbehind_method none
-  translate sam_rho0.1 0 --lookbehind_method sam --rho 0.1
-  translate lookbehind_a0.8_rho0.1 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.1
-  # Why Lookbehind-SAM trails: its slow weights take alpha x k inner steps per k batches.
-  translate lookbehind_a1_rho0.1 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.1
+  translate sam_rho0.05 0 --lookbehind_method sam --rho 0.05
+  translate lookbehind_a0.8_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.05
   translate lookahead_adam_a0.8 0 --lookbehind_method lookahead --perturbation none \
     --lookbehind_k 2 --lookbehind_alpha 0.8
-  translate sam_rho0.03 0 --lookbehind_method sam --rho 0.03
-  translate lookbehind_a0.8_rho0.03 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.03
+  # Why Lookbehind-SAM trails: its slow weights take alpha x k inner steps per k batches.
+  translate lookbehind_a1_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.05
+  translate lookbehind_adaptive_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha adaptive --rho 0.05
+  for rho in 0.02 0.1; do
+    translate "sam_rho$rho" 0 --lookbehind_method sam --rho "$rho"
+    translate "lookbehind_a0.8_rho$rho" 0 --lookbehind_method lookbehind --minibatch_switching \
+      --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
+  done
   rho=$(best_rho lookbehind_a0.8)
-  translate "lookbehind_adaptive_rho$rho" 0 --lookbehind_method lookbehind \
-    --minibatch_switching --lookbehind_k 2 --lookbehind_alpha adaptive --rho "$rho"
   translate "lookahead_sam_a0.8_rho$rho" 0 --lookbehind_method lookahead --perturbation sam \
     --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
 }
