@@ -146,10 +146,26 @@ run_cifar() {
 }
 
 # --------------------------------------------------------------------------------- tables
+finished_runs() {  # FOLDER PREFIX...: the finished runs FOLDER/PREFIX*_seed*, prefixes in order
+  local folder=$1 prefix run
+  shift
+  for prefix in "$@"; do
+    for run in "$folder/$prefix"*_seed*; do
+      [[ -f $run/all_results.json ]] && echo "$run"
+    done
+  done
+  return 0
+}
+
 tables() {
-  "$PYTHON" scripts/summarize_runs.py --kind translation "$RUNS"/translation/*_seed*
+  local runs
+  mapfile -t runs < <(finished_runs "$RUNS/translation" adam sam_rho lookahead_adam \
+    lookbehind_a0.8_rho lookbehind_adaptive lookbehind_a1_rho lookahead_sam)
+  "$PYTHON" scripts/summarize_runs.py --kind translation "${runs[@]}"
   echo
-  "$PYTHON" scripts/summarize_runs.py --kind cifar --group_seeds "$RUNS"/cifar/*_seed*
+  mapfile -t runs < <(finished_runs "$RUNS/cifar" sgd sam multistep lookahead_sam \
+    lookbehind_a0.5 lookbehind_adaptive)
+  "$PYTHON" scripts/summarize_runs.py --group_seeds "${runs[@]}"
 }
 
 case ${1:-} in
