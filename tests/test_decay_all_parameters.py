@@ -94,3 +94,14 @@ def test_cifar_recipe_decays_every_parameter_by_default(tmp_path):
         args=[*common, "--decay_all_parameters", "false"]
     )
     assert paper.decay_all_parameters and not trainer_rule.decay_all_parameters
+
+
+def test_cifar_recipe_does_not_clip_by_default(tmp_path):
+    """The paper's public code never clips; the Trainer's default would clip at 1.0."""
+    parser = HfArgumentParser((ModelArguments, CifarDataArguments, LookbehindTrainingArguments))
+    parser.set_defaults(**PAPER_DEFAULTS)
+    common = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
+    *_, paper = parser.parse_args_into_dataclasses(args=common)
+    assert paper.max_grad_norm == 0.0
+    assert paper.lookbehind_kwargs()["max_grad_norm"] is None
+    assert LookbehindTrainingArguments(output_dir=str(tmp_path)).max_grad_norm == 1.0

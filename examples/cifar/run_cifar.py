@@ -52,6 +52,7 @@ PAPER_DEFAULTS = {
     "learning_rate": 0.1,
     "weight_decay": 5e-4,
     "decay_all_parameters": True,
+    "max_grad_norm": 0.0,  # the public code does not clip (the Trainer's default clips at 1.0)
     "optim": "sgd",
     "optim_args": "momentum=0.9",
     "eval_strategy": "epoch",
