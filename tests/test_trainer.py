@@ -369,8 +369,8 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
             dict(minibatch_switching=True, lookbehind_method="multistep", lookbehind_k=2),
             "minibatch_switching",
         ),
-        (dict(fsdp="full_shard"), "does not support DeepSpeed or FSDP"),
-        (dict(deepspeed="ds_config.json"), "does not support DeepSpeed or FSDP"),
+        (dict(fsdp="full_shard", fsdp_config={"version": 1}), "FSDP2 only"),
+        (dict(deepspeed="ds_config.json"), "FSDP2 only"),
     ],
 )
 def test_bad_flags_are_rejected_when_the_arguments_are_built(tmp_path, overrides, message):
