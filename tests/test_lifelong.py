@@ -21,7 +21,7 @@ from episodic_memory import ReservoirMemory
 from lifelong_data import LifelongDataArguments, class_order, split_into_tasks
 from lifelong_metrics import average_accuracy, forgetting, format_table, summarize_seeds
 from lifelong_models import MultiHeadCNN
-from run_lifelong import MethodArguments, main
+from run_lifelong import Learner, MethodArguments, main
 
 # a[t][tau]: rows after training task t, columns task tau
 MATRIX = [
@@ -171,6 +171,34 @@ def test_table_7_defaults_and_overrides():
     assert tuned.uses_memory and tuned.label() == "Lookbehind-C-MAML (first-order)"
 
 
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_max_grad_norm_clips_the_descent_gradient(method):
+    """One SGD step (SAM: its descent at the perturbed point) with the gradient norm clipped."""
+    torch.manual_seed(0)
+    model = MultiHeadCNN("cnn3", 2, 2, image_size=8, channels=4).double()
+    batch = (torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1] * 3),
+             torch.tensor([0, 1, 1, 0, 0, 1]))  # fmt: skip
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_at = lambda: torch.nn.functional.cross_entropy(model(batch[0], batch[2]), batch[1])  # noqa: E731
+    if method == "sam":  # move to the SAM point rho g / ||g||
+        gradient = torch.autograd.grad(loss_at(), list(model.parameters()))
+        norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient]))
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), gradient):
+                p.add_(0.05 * g / norm)
+    gradient = torch.autograd.grad(loss_at(), list(model.parameters()))
+    norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in gradient])).item()
+    assert norm > 0.01
+    expected = [b - 0.1 * 0.01 / (norm + 1e-6) * g for b, g in zip(before, gradient)]
+    with torch.no_grad():
+        for p, b in zip(model.parameters(), before):
+            p.copy_(b)
+    args = MethodArguments(method=method, learning_rate=0.1, rho=0.05, max_grad_norm=0.01)
+    Learner(model, args, args.hyperparameters("split_cifar10")).step(batch, None)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -180,6 +208,7 @@ def test_table_7_defaults_and_overrides():
         ({"method": "lookbehind_sam", "alpha": 1.5}, r"--alpha must be in \(0, 1\]"),
         ({"method": "lookahead_cmaml", "k": 20}, "needs --batch_size >= k"),
         ({"method": "sgd", "memory_size": 0}, "--memory_size must be a positive integer"),
+        ({"method": "lookahead_cmaml", "max_grad_norm": -1.0}, "--max_grad_norm must be >= 0"),
     ],
 )
 def test_bad_method_settings_fail_before_training(flags, message):

@@ -51,21 +51,35 @@ def grad_and_hessian(theta: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Te
     return gradient, hessian(lambda t: flat_loss(t, batch), theta)
 
 
-def algorithm_3(phi0, pieces, meta_batch, eta, first_order):
+def clamped(g, h, clip):
+    """La-MAML's inner clamp to [-clip, clip] and its Jacobian diag(|g| < clip) H."""
+    if clip is None:
+        return g, h
+    return g.clamp(-clip, clip), (g.abs() < clip).to(h.dtype)[:, None] * h
+
+
+def norm_clipped(meta, clip):
+    """clip_grad_norm_: scale by min(1, clip / (||meta|| + 1e-6))."""
+    if clip is None:
+        return meta
+    return meta * min(1.0, clip / (torch.linalg.vector_norm(meta).item() + 1e-6))
+
+
+def algorithm_3(phi0, pieces, meta_batch, eta, first_order, clip=None):
     """Lookahead-C-MAML: phi_{k'+1} = phi_k' - eta grad l(phi_k', b[k']);
     phi_0 <- phi_0 - eta d/dphi_0 L(phi_k, b_m), with d phi_k / d phi_0 = prod (I - eta H)."""
     identity = torch.eye(len(phi0), dtype=phi0.dtype)
     phi, jac = phi0.clone(), identity.clone()
     for piece in pieces:
-        g, h = grad_and_hessian(phi, piece)
+        g, h = clamped(*grad_and_hessian(phi, piece), clip)
         if not first_order:
             jac = (identity - eta * h) @ jac
         phi = phi - eta * g
     meta, _ = grad_and_hessian(phi, meta_batch)
-    return phi0 - eta * jac.T @ meta
+    return phi0 - eta * norm_clipped(jac.T @ meta, clip)
 
 
-def algorithm_4_adapted(phi0, pieces, eta, rho, alpha, first_order):
+def algorithm_4_adapted(phi0, pieces, eta, rho, alpha, first_order, clip=None):
     """Lookbehind inner loop from phi_0 and the interpolation; returns (A, dA/dphi_0).
     P_{k'+1} = P_k' + rho g/||g|| (g at P_k'), F_{k'+1} = F_k' - eta grad l(P_{k'+1}, b[k'])."""
     identity = torch.eye(len(phi0), dtype=phi0.dtype)
@@ -79,7 +93,7 @@ def algorithm_4_adapted(phi0, pieces, eta, rho, alpha, first_order):
             d_unit = (identity - torch.outer(unit, unit)) @ h / norm
             jac_perturbed = (identity + rho * d_unit) @ jac_perturbed
         perturbed = perturbed + rho * unit
-        d, hd = grad_and_hessian(perturbed, piece)
+        d, hd = clamped(*grad_and_hessian(perturbed, piece), clip)
         if not first_order:
             jac_fast = jac_fast - eta * hd @ jac_perturbed
         fast = fast - eta * d
@@ -87,17 +101,18 @@ def algorithm_4_adapted(phi0, pieces, eta, rho, alpha, first_order):
     return adapted, (1 - alpha) * identity + alpha * jac_fast
 
 
-def algorithm_4(phi0, pieces, meta_batch, eta, rho, alpha, first_order):
+def algorithm_4(phi0, pieces, meta_batch, eta, rho, alpha, first_order, clip=None):
     """eps = rho grad M(phi_0)/||.||, phi_0 <- phi_0 - eta grad M(phi_0 + eps),
     M(phi) = L(A(phi), b_m)."""
 
     def meta_gradient(phi):
-        adapted, jac = algorithm_4_adapted(phi, pieces, eta, rho, alpha, first_order)
+        adapted, jac = algorithm_4_adapted(phi, pieces, eta, rho, alpha, first_order, clip)
         meta, _ = grad_and_hessian(adapted, meta_batch)
         return jac.T @ meta
 
     g = meta_gradient(phi0)
-    return phi0 - eta * meta_gradient(phi0 + rho * g / torch.linalg.vector_norm(g))
+    descent = meta_gradient(phi0 + rho * g / torch.linalg.vector_norm(g))
+    return phi0 - eta * norm_clipped(descent, clip)
 
 
 def tiny_problem(seed: int = 0):
@@ -173,6 +188,42 @@ def test_exact_meta_gradient_differs_from_first_order(algorithm):
         )
         results.append(flat(model) - before)
     assert (results[0] - results[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("algorithm", ["lookahead", "lookbehind"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_la_maml_gradient_clipping_matches_transcription(algorithm, first_order):
+    """La-MAML's clamp of the inner gradients and norm clip of the meta-gradient, at a bound
+    that clamps part of the entries and shortens the meta-gradient."""
+    model, pieces, meta_batch = tiny_problem(seed=5)
+    clip, settings = 0.05, {"eta": 0.3, "first_order": first_order, "clip": 0.05}
+    gradient, _ = grad_and_hessian(flat(model), pieces[0])
+    assert (gradient.abs() > clip).any() and (gradient.abs() < clip).any()
+    if algorithm == "lookahead":
+        expected = algorithm_3(flat(model), pieces, meta_batch, **settings)
+    else:
+        expected = algorithm_4(flat(model), pieces, meta_batch, rho=0.2, alpha=0.6, **settings)
+    unclipped = (algorithm_3 if algorithm == "lookahead" else algorithm_4)(
+        flat(model),
+        pieces,
+        meta_batch,
+        eta=0.3,
+        first_order=first_order,
+        **({} if algorithm == "lookahead" else {"rho": 0.2, "alpha": 0.6}),
+    )
+    assert (expected - unclipped).abs().max() > 1e-4
+    cmaml_outer_step(
+        model,
+        pieces,
+        meta_batch,
+        algorithm=algorithm,
+        lr=0.3,
+        rho=0.2,
+        alpha=0.6,
+        first_order=first_order,
+        grad_clip=clip,
+    )
+    torch.testing.assert_close(flat(model), expected, rtol=0, atol=1e-10)
 
 
 def test_unknown_algorithm_is_rejected():

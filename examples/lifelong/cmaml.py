@@ -54,14 +54,24 @@ def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
 
 
+def _clamp(gradient: list[torch.Tensor], bound: float | None) -> list[torch.Tensor]:
+    """La-MAML's inner-step clipping: every entry clamped to [-bound, bound]."""
+    return gradient if bound is None else [g.clamp(-bound, bound) for g in gradient]
+
+
 def sgd_trajectory(
-    model: nn.Module, start: Params, pieces: list[Batch], lr: float, create_graph: bool
+    model: nn.Module,
+    start: Params,
+    pieces: list[Batch],
+    lr: float,
+    create_graph: bool,
+    clamp: float | None = None,
 ) -> Params:
     """Algorithm 3's inner loop: one SGD step per piece at the current fast weights."""
     fast = start
     for piece in pieces:
         gradient = _gradient(multitask_loss(model, fast, piece), fast, create_graph)
-        fast = _add(fast, -lr, gradient)
+        fast = _add(fast, -lr, _clamp(gradient, clamp))
     return fast
 
 
@@ -73,6 +83,7 @@ def lookbehind_trajectory(
     rho: float,
     alpha: float,
     create_graph: bool,
+    clamp: float | None = None,
 ) -> Params:
     """Algorithm 4's inner loop and interpolation: ``phi_0 + alpha (F_k - phi_0)``."""
     perturbed, fast = start, start
@@ -80,7 +91,7 @@ def lookbehind_trajectory(
         ascent = _gradient(multitask_loss(model, perturbed, piece), perturbed, create_graph)
         perturbed = _add(perturbed, rho / _global_norm(ascent), ascent)
         descent = _gradient(multitask_loss(model, perturbed, piece), perturbed, create_graph)
-        fast = _add(fast, -lr, descent)
+        fast = _add(fast, -lr, _clamp(descent, clamp))
     return {name: p + alpha * (fast[name] - p) for name, p in start.items()}
 
 
@@ -95,14 +106,17 @@ def meta_gradient(
     rho: float,
     alpha: float,
     first_order: bool,
+    grad_clip: float | None = None,
 ) -> list[torch.Tensor]:
     """``grad_{phi_0} L(adapted(phi_0), b_m)`` at ``start``."""
     start = {name: p.detach().requires_grad_() for name, p in start.items()}
     with torch.enable_grad():
         if algorithm == "lookahead":
-            adapted = sgd_trajectory(model, start, pieces, lr, not first_order)
+            adapted = sgd_trajectory(model, start, pieces, lr, not first_order, grad_clip)
         else:
-            adapted = lookbehind_trajectory(model, start, pieces, lr, rho, alpha, not first_order)
+            adapted = lookbehind_trajectory(
+                model, start, pieces, lr, rho, alpha, not first_order, grad_clip
+            )
         return _gradient(multitask_loss(model, adapted, meta_batch), start, False)
 
 
@@ -117,17 +131,31 @@ def cmaml_outer_step(
     rho: float = 0.0,
     alpha: float = 1.0,
     first_order: bool = False,
+    grad_clip: float | None = None,
 ) -> None:
     """One outer step of Algorithm 3 (``algorithm="lookahead"``) or 4 (``"lookbehind"``) on the
-    model's trainable parameters, in place. ``pieces`` are b[0..k-1]; ``meta_batch`` is b_m."""
+    model's trainable parameters, in place. ``pieces`` are b[0..k-1]; ``meta_batch`` is b_m.
+
+    ``grad_clip`` (La-MAML's ``grad_clip_norm``; ``None`` in the paper's algorithms): clamp
+    every entry of each inner descent gradient to [-grad_clip, grad_clip] and clip the global
+    norm of the meta-gradient of the descent to grad_clip, as ``clip_grad_norm_``."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown C-MAML algorithm {algorithm!r}; allowed: {ALGORITHMS}")
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    settings = {"algorithm": algorithm, "lr": lr, "rho": rho, "alpha": alpha}
+    settings = {
+        "algorithm": algorithm,
+        "lr": lr,
+        "rho": rho,
+        "alpha": alpha,
+        "grad_clip": grad_clip,
+    }
     gradient = meta_gradient(model, params, pieces, meta_batch, first_order=first_order, **settings)
     if algorithm == "lookbehind":
         perturbed = _add(params, rho / _global_norm(gradient), gradient)
         gradient = meta_gradient(
             model, perturbed, pieces, meta_batch, first_order=first_order, **settings
         )
+    if grad_clip is not None:
+        scale = (grad_clip / (_global_norm(gradient) + 1e-6)).clamp(max=1.0)  # clip_grad_norm_
+        torch._foreach_mul_(gradient, scale)
     torch._foreach_add_(list(params.values()), gradient, alpha=-lr)

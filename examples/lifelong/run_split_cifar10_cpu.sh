@@ -9,16 +9,16 @@ data=${2:-../shared/data/cifar10}
 common="--benchmark split_cifar10 --train_path $data/train.parquet \
 --validation_path $data/test.parquet --train_samples_per_task 400 \
 --test_samples_per_task 400 --epochs_per_task 2 --cnn_channels 16 --seeds 0 1 --device cpu"
-rows="lookbehind_cmaml|--method lookbehind_cmaml
-er_lookbehind_sam|--method lookbehind_sam --episodic_replay
-er_multistep_sam|--method multistep_sam --episodic_replay
-lookbehind_sam|--method lookbehind_sam
-lookahead_cmaml|--method lookahead_cmaml
-multistep_sam|--method multistep_sam
-er_sam|--method sam --episodic_replay
-sam|--method sam
+rows="sgd|--method sgd
 er_sgd|--method sgd --episodic_replay
-sgd|--method sgd"
+sam|--method sam
+er_sam|--method sam --episodic_replay
+multistep_sam|--method multistep_sam
+lookahead_cmaml|--method lookahead_cmaml
+lookbehind_sam|--method lookbehind_sam
+er_multistep_sam|--method multistep_sam --episodic_replay
+er_lookbehind_sam|--method lookbehind_sam --episodic_replay
+lookbehind_cmaml|--method lookbehind_cmaml"
 started=$(date +%s)
 mkdir -p "$out"
 echo "$rows" | OMP_NUM_THREADS=1 xargs -P "${JOBS:-1}" -I{} bash -c \
