@@ -1,15 +1,22 @@
-"""The README's main job (the Trainer quickstart) and the accelerate configs."""
+"""The README's main job (the Trainer quickstart), every variant of it the README shows, and the
+accelerate configs."""
 
 from __future__ import annotations
 
 import importlib.util
+import math
+import re
+import shlex
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from accelerate.commands.config.config_args import ClusterConfig
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+DEMO = "bash scripts/run_demo.sh"
 
 
 def load_quickstart():
@@ -21,17 +28,107 @@ def load_quickstart():
     return module
 
 
-def test_quickstart_compares_three_methods(tmp_path, capsys):
-    quickstart = load_quickstart()
-    results = quickstart.main(
-        ["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--disable_tqdm", "true"]
-    )
-    assert list(results) == ["SGD", "SAM", "Lookbehind-SAM"]
-    for row in results.values():
-        assert row["accuracy"] > 0.8  # ten classes: chance is 0.1
-        assert row["loss"] > 0 and row["seconds"] > 0
+quickstart = load_quickstart()
+
+
+def documented_demo_commands() -> list[str]:
+    """Every ``bash scripts/run_demo.sh ...`` command of README.md (code blocks and inline
+    code), comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    found = re.findall(r"^(bash scripts/run_demo\.sh[^\n#`]*)", text, flags=re.M)
+    found += re.findall(r"`(bash scripts/run_demo\.sh[^`]*)`", text)
+    return sorted({command.strip() for command in found})
+
+
+def test_readme_documents_demo_variants():
+    commands = documented_demo_commands()
+    assert DEMO in commands and len(commands) >= 4, commands
+    assert (
+        (ROOT / "scripts" / "run_demo.sh")
+        .read_text()
+        .rstrip()
+        .endswith('examples/quickstart/run_quickstart.py "$@"')
+    )  # the flags reach the quickstart unchanged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", documented_demo_commands())
+def test_documented_demo_command_runs(command, tmp_path, capsys):
+    """The README's command as shown, shortened to 3 Trainer steps per run (``--max_steps``
+    overrides the epochs and changes nothing else)."""
+    flags = shlex.split(command)[2:]
+    shortened = ["--max_steps", "3", "--output_dir", str(tmp_path), "--disable_tqdm", "true"]
+    results = quickstart.main(flags + shortened)
+
+    parser = quickstart.HfArgumentParser(quickstart.QuickstartArguments)
+    documented, _ = parser.parse_args_into_dataclasses(flags, return_remaining_strings=True)
+    seeds = documented.seeds
+    assert results and all(len(runs) == seeds for runs in results.values())
+    for runs in results.values():
+        for run in runs:
+            assert 0.0 <= run["accuracy"] <= 1.0 and math.isfinite(run["loss"])
     table = capsys.readouterr().out
-    assert "Lookbehind-SAM" in table and "test acc" in table
+    assert f"mean ± std over {seeds} seed(s)" in table
+    assert all(label in table for label in results)
+
+
+def test_noisy_labels_replace_the_given_share_with_uniform_classes():
+    labels = np.repeat(np.arange(10), 300)
+    noisy = quickstart.noisy_labels(labels, 0.4, seed=0)
+    assert np.array_equal(noisy, quickstart.noisy_labels(labels, 0.4, seed=0))  # fixed seed
+    assert not np.array_equal(noisy, quickstart.noisy_labels(labels, 0.4, seed=1))
+    changed = noisy != labels
+    # 1,200 labels redrawn uniformly from 10 classes: 9/10 of them change (binomial sd ~10).
+    assert abs(changed.sum() - 0.9 * 1200) < 50
+    assert np.bincount(noisy[changed], minlength=10).min() > 60  # every wrong class is drawn
+    assert np.array_equal(quickstart.noisy_labels(labels, 0.0, seed=0), labels)
+
+
+def test_lookbehind_flags_reach_the_lookbehind_runs_only(tmp_path):
+    parser = quickstart.HfArgumentParser(quickstart.LookbehindTrainingArguments)
+    flags = ["--output_dir", str(tmp_path), "--lookbehind_alpha", "adaptive", "--lookbehind_k", "5"]
+    flags += ["--adaptive_alpha_scope", "global", "--rho", "0.3"]
+    (args,) = parser.parse_args_into_dataclasses([*quickstart.default_training_arguments(), *flags])
+    sam = quickstart.method_arguments(args, "sam")
+    assert (sam.lookbehind_method, sam.lookbehind_k, sam.lookbehind_alpha) == ("sam", None, "0.5")
+    assert sam.adaptive_alpha_scope == "per_tensor" and sam.rho == 0.3
+    assert quickstart.method_arguments(args, "sgd").lookbehind_method == "none"
+    for method in ("lookbehind", "lookbehind_adaptive"):
+        lookbehind = quickstart.method_arguments(args, method)
+        assert (lookbehind.lookbehind_k, lookbehind.lookbehind_alpha) == (5, "adaptive")
+        assert lookbehind.adaptive_alpha_scope == "global" and lookbehind.rho == 0.3
+
+
+@pytest.mark.slow
+def test_clean_quickstart_learns_digits_with_every_method(tmp_path):
+    flags = ["--output_dir", str(tmp_path), "--num_train_epochs", "2", "--disable_tqdm", "true"]
+    results = quickstart.main([*flags, "--label_noise", "0", "--seeds", "1"])
+    assert list(results) == [
+        "SGD",
+        "SAM",
+        "Lookbehind-SAM (α=0.5)",
+        "Lookbehind-SAM (adaptive α)",
+    ]
+    for (run,) in results.values():
+        assert run["accuracy"] > 0.8  # ten classes: chance is 0.1
+        assert run["loss"] > 0 and run["seconds"] > 0 and math.isnan(run["noisy_fit"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--prediction_loss_only", "true"], "drop --prediction_loss_only"),
+        (["--metric_for_best_model", "top5"], "not among the evaluation's metrics"),
+        (["--label_noise", "1.0"], "must be in"),
+        (["--seeds", "0"], "at least 1"),
+        (["--methods", "adam"], "--methods takes one or more of"),
+    ],
+)
+def test_quickstart_rejects_what_would_fail_after_training(flags, message, tmp_path):
+    output_dir = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        quickstart.main(["--output_dir", str(output_dir), *flags])
+    assert not output_dir.exists()  # rejected before any Trainer was built
 
 
 @pytest.mark.parametrize("name", ["single_gpu", "multi_gpu", "multi_node"])

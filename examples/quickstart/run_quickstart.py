@@ -1,16 +1,24 @@
-"""Trainer quickstart: SGD vs SAM vs Lookbehind-SAM through ``LookbehindTrainer``.
+"""Trainer quickstart: SGD vs SAM vs Lookbehind-SAM on digits with noisy training labels.
 
 Trains a small network on scikit-learn's handwritten digits (1,797 8x8 images shipped with
-scikit-learn: no download) with each method, evaluates on a held-out 30 %, and prints test
-accuracy, test loss and wall time per method. Every ``LookbehindTrainingArguments`` flag works,
-for example ``--num_train_epochs 30 --rho 0.1 --lookbehind_k 5 --lookbehind_alpha adaptive``.
+scikit-learn: no download) with each method, evaluates on a held-out 30 % after every epoch
+and prints, per method, the mean ± std over seeds of the final and the best test accuracy, the
+test loss, the share of the mislabelled training images whose wrong label the model has
+memorised ("noisy fit"), and the seconds of training.
+
+By default 30 % of the training labels are replaced by a class drawn uniformly at random
+(``--label_noise``; the test labels stay clean) and the models train long enough to memorise
+them: the setting where sharpness-aware training is known to help, because it resists fitting
+noisy labels. ``--label_noise 0`` trains on the clean labels. Every
+``LookbehindTrainingArguments`` flag works; flags of Lookbehind alone (``--lookbehind_k``,
+``--lookbehind_alpha``, ``--adaptive_alpha_scope``, ``--minibatch_switching``) apply to the
+Lookbehind runs only, for example ``--lookbehind_k 5 --lookbehind_alpha 0.8``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,20 +29,60 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import EvalPrediction, HfArgumentParser
 
-from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import EpochTimer, LookbehindTrainer, LookbehindTrainingArguments
 
-# (label, trainer flags) of the methods compared; the other flags come from the command line.
-METHODS = (
-    ("SGD", {"lookbehind_method": "none"}),
-    ("SAM", {"lookbehind_method": "sam", "lookbehind_k": None}),
-    ("Lookbehind-SAM", {"lookbehind_method": "lookbehind"}),
+NUM_CLASSES = 10
+
+# Flags that only Lookbehind reads: the SGD and SAM runs take their defaults instead.
+LOOKBEHIND_ONLY = (
+    "lookbehind_k",
+    "lookbehind_alpha",
+    "adaptive_alpha_scope",
+    "minibatch_switching",
 )
+
+# Method name: the trainer flags it sets (the other flags come from the command line).
+METHODS = {
+    "sgd": {"lookbehind_method": "none"},
+    "sam": {"lookbehind_method": "sam"},
+    "lookbehind": {"lookbehind_method": "lookbehind"},
+    "lookbehind_adaptive": {"lookbehind_method": "lookbehind", "lookbehind_alpha": "adaptive"},
+}
 
 
 @dataclass
 class QuickstartArguments:
     test_fraction: float = field(default=0.3, metadata={"help": "Held-out share of digits."})
-    hidden_size: int = field(default=128, metadata={"help": "Width of the hidden layer."})
+    hidden_size: int = field(default=256, metadata={"help": "Width of the hidden layer."})
+    label_noise: float = field(
+        default=0.3,
+        metadata={
+            "help": "Share of the training labels replaced by a class drawn uniformly at random "
+            "(fixed by --label_noise_seed; test labels stay clean). 0: the clean labels."
+        },
+    )
+    label_noise_seed: int = field(default=0, metadata={"help": "Seed of the label noise."})
+    seeds: int = field(
+        default=3,
+        metadata={"help": "Runs per method, with training seeds --seed, --seed + 1, ..."},
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(METHODS),
+        metadata={"help": f"Methods to compare, from {', '.join(METHODS)}."},
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_noise < 1.0:
+            raise ValueError(f"--label_noise must be in [0, 1), got {self.label_noise}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.seeds < 1:
+            raise ValueError(f"--seeds must be at least 1, got {self.seeds}")
+        unknown = [name for name in self.methods if name not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(
+                f"--methods takes one or more of {', '.join(METHODS)}, got {self.methods}"
+            )
 
 
 class DigitsDataset(Dataset):
@@ -60,7 +108,7 @@ class DigitsClassifier(nn.Module):
             nn.BatchNorm1d(hidden_size),
             nn.ReLU(),
             nn.Dropout(0.1),
-            nn.Linear(hidden_size, 10),
+            nn.Linear(hidden_size, NUM_CLASSES),
         )
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
@@ -70,22 +118,70 @@ class DigitsClassifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
 
 
+def noisy_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``labels`` with ``round(fraction * n)`` of them, chosen at random, replaced by a class
+    drawn uniformly from all classes (so about one in ten keeps its label)."""
+    rng = np.random.default_rng(seed)
+    noisy = labels.copy()
+    chosen = rng.choice(len(labels), size=round(fraction * len(labels)), replace=False)
+    noisy[chosen] = rng.integers(NUM_CLASSES, size=len(chosen))
+    return noisy
+
+
 def accuracy(prediction: EvalPrediction) -> dict[str, float]:
     return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def method_arguments(args: LookbehindTrainingArguments, method: str) -> LookbehindTrainingArguments:
+    """The command line's arguments with ``method``'s flags; SGD and SAM runs take the defaults
+    of the Lookbehind-only flags, so e.g. ``--lookbehind_alpha adaptive`` reaches Lookbehind
+    alone."""
+    flags = dict(METHODS[method])
+    if not method.startswith("lookbehind"):
+        defaults = {f.name: f.default for f in dataclasses.fields(LookbehindTrainingArguments)}
+        flags = {name: defaults[name] for name in LOOKBEHIND_ONLY} | flags
+    return dataclasses.replace(args, **flags)
+
+
+def check_evaluation_settings(args: LookbehindTrainingArguments) -> None:
+    """Reject, before any training, the settings under which the evaluation after training
+    would fail: it reports the test accuracy and loss, and reads the predictions."""
+    if args.prediction_loss_only:
+        raise ValueError(
+            "--prediction_loss_only leaves no predictions to score: drop --prediction_loss_only"
+        )
+    chosen = args.metric_for_best_model
+    if chosen is not None and chosen.removeprefix("eval_") not in ("loss", "accuracy"):
+        raise ValueError(
+            f"--metric_for_best_model {chosen} is not among the evaluation's metrics "
+            "(loss, accuracy): pick one of them"
+        )
+
+
+def method_label(method: str, args: LookbehindTrainingArguments) -> str:
+    perturbation = "ASAM" if args.perturbation == "asam" else "SAM"
+    if method == "sgd":
+        return args.optim.split("_")[0].upper()
+    if method == "sam":
+        return perturbation
+    alpha = args.lookbehind_alpha
+    alpha = "adaptive α" if alpha == "adaptive" else f"α={alpha}"
+    return f"Lookbehind-{perturbation} ({alpha})"
 
 
 def default_training_arguments() -> list[str]:
     return [
         "--output_dir", "outputs/quickstart",
-        "--num_train_epochs", "10",
-        "--per_device_train_batch_size", "32",
+        "--num_train_epochs", "40",
+        "--per_device_train_batch_size", "64",
         "--learning_rate", "0.05",
         "--optim", "sgd",
         "--optim_args", "momentum=0.9",
         "--weight_decay", "5e-4",
         "--lr_scheduler_type", "cosine",
-        "--rho", "0.05",
-        "--eval_strategy", "no",
+        "--rho", "0.8",
+        "--eval_strategy", "epoch",
+        "--per_device_eval_batch_size", "1024",
         "--save_strategy", "no",
         "--logging_strategy", "epoch",
         "--report_to", "none",
@@ -94,42 +190,90 @@ def default_training_arguments() -> list[str]:
     ]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
+def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    mean = scale * float(np.mean(values))
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
+
+
+def print_table(results: dict[str, list[dict[str, float]]], noisy: bool) -> None:
+    header = ("method", "test acc %", "best test acc %", "test loss", "noisy fit %", "train s")
+    rows = [header]
+    for label, runs in results.items():
+        column = {key: [run[key] for run in runs] for key in runs[0]}
+        rows.append(
+            (
+                label,
+                mean_std(column["accuracy"], 100),
+                mean_std(column["best_accuracy"], 100),
+                mean_std(column["loss"], digits=3),
+                mean_std(column["noisy_fit"], 100) if noisy else "-",
+                mean_std(column["seconds"], digits=1),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print(row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:])))
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Train every method ``--seeds`` times; print the table and return each run's metrics by
+    method label: final and best (over the evaluations after each epoch) test ``accuracy`` and
+    ``best_accuracy``, test ``loss``, ``noisy_fit`` (share of the mislabelled training images
+    predicted with their wrong label) and ``seconds`` of training (evaluations excluded)."""
     parser = HfArgumentParser((QuickstartArguments, LookbehindTrainingArguments))
     argv = default_training_arguments() + list(sys.argv[1:] if argv is None else argv)
     quickstart, args = parser.parse_args_into_dataclasses(argv)
-    torch.set_num_threads(1)  # a 10k-parameter network: more threads only add overhead
+    check_evaluation_settings(args)
+    torch.set_num_threads(1)  # a small MLP: more threads only add overhead
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
         digits.data, digits.target, test_size=quickstart.test_fraction, random_state=0,
         stratify=digits.target,
     )  # fmt: skip
-    train_set, test_set = DigitsDataset(x_train, y_train), DigitsDataset(x_test, y_test)
-    results = {}
-    for label, flags in METHODS:
-        run_args = dataclasses.replace(args, **flags)
-        torch.manual_seed(args.seed)
-        trainer = LookbehindTrainer(
-            model=DigitsClassifier(quickstart.hidden_size),
-            args=run_args,
-            train_dataset=train_set,
-            eval_dataset=test_set,
-            compute_metrics=accuracy,
-        )
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
-        metrics = trainer.evaluate()
-        results[label] = {
-            "accuracy": metrics["eval_accuracy"],
-            "loss": metrics["eval_loss"],
-            "seconds": seconds,
-        }
-    print(f"\n{'method':<16}{'test acc':>10}{'test loss':>11}{'train s':>9}")
-    for label, row in results.items():
-        print(
-            f"{label:<16}{100 * row['accuracy']:>9.2f}%{row['loss']:>11.4f}{row['seconds']:>9.1f}"
-        )
+    y_noisy = noisy_labels(y_train, quickstart.label_noise, quickstart.label_noise_seed)
+    mislabelled = y_noisy != y_train
+    train_set, test_set = DigitsDataset(x_train, y_noisy), DigitsDataset(x_test, y_test)
+    print(
+        f"digits: {len(y_train)} training images ({int(mislabelled.sum())} with a wrong label, "
+        f"--label_noise {quickstart.label_noise}), {len(y_test)} test images (clean labels)"
+    )
+    results: dict[str, list[dict[str, float]]] = {}
+    for method in quickstart.methods:
+        run_args = method_arguments(args, method)
+        label = method_label(method, run_args)
+        if label in results:
+            continue  # e.g. --lookbehind_alpha adaptive makes both Lookbehind rows one
+        results[label] = []
+        for seed in range(args.seed, args.seed + quickstart.seeds):
+            seed_args = dataclasses.replace(run_args, seed=seed)
+            torch.manual_seed(seed)
+            trainer = LookbehindTrainer(
+                model=DigitsClassifier(quickstart.hidden_size),
+                args=seed_args,
+                train_dataset=train_set,
+                eval_dataset=test_set,
+                compute_metrics=accuracy,
+            )
+            timer = EpochTimer()
+            trainer.add_callback(timer)
+            trainer.train()
+            metrics = trainer.evaluate()
+            during = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
+            train_predictions = trainer.predict(train_set).predictions.argmax(-1)
+            fit = train_predictions[mislabelled] == y_noisy[mislabelled]
+            results[label].append(
+                {
+                    "accuracy": metrics["eval_accuracy"],
+                    "best_accuracy": max([*during, metrics["eval_accuracy"]]),
+                    "loss": metrics["eval_loss"],
+                    "noisy_fit": float(fit.mean()) if fit.size else float("nan"),
+                    "seconds": sum(timer.epoch_seconds),
+                }
+            )
+    print(f"\nmean ± std over {quickstart.seeds} seed(s) (training seeds from {args.seed}):")
+    print_table(results, noisy=bool(mislabelled.any()))
     return results
 
 
