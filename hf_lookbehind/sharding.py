@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 
 try:
-    from torch.distributed.tensor import DTensor, Partial, Replicate
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without torch.distributed
     DTensor = None
 
@@ -39,9 +40,12 @@ def _shard_layout(tensor: torch.Tensor):
 
 
 def _sum_over(values: torch.Tensor, layout) -> torch.Tensor:
+    """All-reduce (in place) over the process groups of the sharded mesh dimensions; on a GPU
+    the collective is queued on the stream, without a host synchronisation."""
     mesh, dims = layout
-    placements = [Partial() if d in dims else Replicate() for d in range(mesh.ndim)]
-    return DTensor.from_local(values, mesh, placements, run_check=False).full_tensor()
+    for dim in dims:
+        dist.all_reduce(values, group=mesh.get_group(dim))
+    return values
 
 
 def sum_over_shards(partial: torch.Tensor, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -56,7 +60,7 @@ def sum_over_shards(partial: torch.Tensor, tensors: Sequence[torch.Tensor]) -> t
     if not layouts:
         return partial
     if len(layouts) == 1 and len(next(iter(layouts.values()))) == len(tensors):
-        return _sum_over(partial, next(iter(layouts)))
+        return _sum_over(partial.clone(), next(iter(layouts)))
     columns = list(partial.unbind(-1))
     for layout, indices in layouts.items():
         summed = _sum_over(torch.stack([columns[i] for i in indices], dim=-1), layout)
