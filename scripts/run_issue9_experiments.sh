@@ -147,12 +147,12 @@ run_cifar() {
 }
 
 # --------------------------------------------------------------------------------- tables
-finished_runs() {  # FOLDER PREFIX...: the finished runs FOLDER/PREFIX*_seed*, prefixes in order
-  local folder=$1 prefix run
-  shift
+finished_runs() {  # FOLDER LAST_FILE PREFIX...: the runs FOLDER/PREFIX*_seed* that have written
+  local folder=$1 last_file=$2 prefix run  # their last file, prefixes in order
+  shift 2
   for prefix in "$@"; do
     for run in "$folder/$prefix"*_seed*; do
-      [[ -f $run/all_results.json ]] && echo "$run"
+      [[ -f $run/$last_file ]] && echo "$run"
     done
   done
   return 0
@@ -160,11 +160,11 @@ finished_runs() {  # FOLDER PREFIX...: the finished runs FOLDER/PREFIX*_seed*, p
 
 tables() {
   local runs
-  mapfile -t runs < <(finished_runs "$RUNS/translation" adam sam_rho lookahead_adam \
+  mapfile -t runs < <(finished_runs "$RUNS/translation" test_results.json adam sam_rho lookahead_adam \
     lookbehind_a0.8_rho lookbehind_adaptive lookbehind_a1_rho lookahead_sam)
   "$PYTHON" scripts/summarize_runs.py --kind translation "${runs[@]}"
   echo
-  mapfile -t runs < <(finished_runs "$RUNS/cifar" sgd sam multistep lookahead_sam \
+  mapfile -t runs < <(finished_runs "$RUNS/cifar" eval_results.json sgd sam multistep lookahead_sam \
     lookbehind_a0.5 lookbehind_adaptive)
   "$PYTHON" scripts/summarize_runs.py --group_seeds "${runs[@]}"
 }
