@@ -27,6 +27,11 @@ never pass through an arithmetic round trip. Persistent extra buffers, in parame
 sam/multistep, 2 for multistep_avg (gradient sum), 1 for lookahead without perturbation and 2
 with. Nothing in a step reads a tensor value on the host.
 
+FSDP2 (parameters as ``DTensor`` shards, :mod:`hf_lookbehind.sharding`): the buffers are sharded
+like the parameters, so each rank holds its share of them; swaps become exact value exchanges
+of the local shards, and every norm and cosine is that of the whole tensors (per-shard partial
+sums, one all-reduce). No step gathers a parameter.
+
 Non-finite gradients: every pass checks the global gradient norm on the device. A NaN/inf in
 any pass of an outer step (a cycle of k calls in switching and lookahead mode) discards the
 outer step: ``S`` stays bit-identical and ``F``/``P`` restart from it, and
