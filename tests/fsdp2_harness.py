@@ -6,12 +6,14 @@ with, per setup, the largest difference of the slow weights and what the shardin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -89,15 +91,54 @@ def make_engine(model: nn.Module, setup: dict) -> Lookbehind:
     return Lookbehind(base, **setup)
 
 
+IN_CLOSURE = [False]
+
+
 def closure_for(model: nn.Module, batch, part: slice):
     inputs, labels = batch[0][part], batch[1][part]
 
     def closure() -> torch.Tensor:
+        IN_CLOSURE[0] = True  # FSDP2 all-gathers and reduce-scatters in here
         loss = nn.functional.cross_entropy(model(inputs), labels)
         loss.backward()
+        IN_CLOSURE[0] = False
         return loss
 
     return closure
+
+
+@contextlib.contextmanager
+def engine_collectives(record: list):
+    """Record ``(collective, numel)`` of every collective issued outside the closures, i.e. by
+    the engine itself, through ``torch.distributed`` or the functional collectives that DTensor
+    redistributions use."""
+    patched = [
+        (module, name)
+        for module, names in (
+            (dist, ("all_gather_into_tensor", "all_gather", "broadcast", "reduce_scatter_tensor",
+                    "all_reduce")),
+            (funcol, ("all_gather_single", "all_gather_tensor", "reduce_scatter_single",
+                      "all_reduce")),
+        )
+        for name in names
+    ]  # fmt: skip
+    originals = {(module, name): getattr(module, name) for module, name in patched}
+
+    def recording(name, function):
+        def call(tensor, *args, **kwargs):
+            if not IN_CLOSURE[0]:
+                record.append((name, tensor.numel() if isinstance(tensor, torch.Tensor) else -1))
+            return function(tensor, *args, **kwargs)
+
+        return call
+
+    for (module, name), function in originals.items():
+        setattr(module, name, recording(name, function))
+    try:
+        yield
+    finally:
+        for (module, name), function in originals.items():
+            setattr(module, name, function)
 
 
 def full_weights(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -136,12 +177,17 @@ def compare(setup: dict, mesh, rank: int, world: int) -> dict:
     sharded = shard(make_model(), mesh)
     engine = make_engine(sharded, setup)
     half = BATCH // world
-    train(sharded, engine, batches, slice(rank * half, (rank + 1) * half))
+    collectives: list = []
+    with engine_collectives(collectives):
+        train(sharded, engine, batches, slice(rank * half, (rank + 1) * half))
     unsharded = make_model()
     train(unsharded, make_engine(unsharded, setup), batches, slice(None))
     return {
         "gap": largest_gap(full_weights(sharded), full_weights(unsharded)),
         "moved": largest_gap(full_weights(unsharded), full_weights(make_model())),
+        "engine_collectives": sorted({name for name, _ in collectives}),
+        "largest_engine_collective": max((numel for _, numel in collectives), default=0),
+        "parameter_tensors": len(list(sharded.parameters())),
         **sharding_facts(sharded, engine),
     }
 

@@ -49,6 +49,17 @@ def test_sharded_engine_equals_the_unsharded_engine(ranks, setup):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("setup", SETUPS)
+def test_no_step_gathers_a_parameter(ranks, setup):
+    """Outside the closures (where FSDP2 gathers for the passes) the engine issues only
+    all-reduces of vectors with one partial sum per tensor (norms, dot products)."""
+    for result in ranks:
+        facts = result[setup]
+        assert facts["engine_collectives"] == ["all_reduce"]
+        assert 0 < facts["largest_engine_collective"] <= facts["parameter_tensors"]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setup", BUFFER_COPIES)
 def test_buffers_are_sharded_like_the_parameters(ranks, setup):
     """Each rank holds its shard of every buffer: (1, 2 or 3)/world of the parameters."""
