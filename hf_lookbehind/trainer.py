@@ -20,6 +20,10 @@ Gradient clipping (``max_grad_norm``) applies to every descent update and never 
 direction. With fp16, every pass goes through the accelerator's ``GradScaler`` (unscale and
 scale update, no host synchronisation); an overflow in any pass discards the outer step without
 touching slow or fast weights, like any non-finite gradient.
+
+Under FSDP2 (``--fsdp full_shard`` or ``fsdp_version: 2`` in the accelerate config) the engine
+works on the parameters' shards (see :mod:`hf_lookbehind.sharding`); every process checkpoints
+its own shard of the engine's state. FSDP1 and DeepSpeed are refused.
 """
 
 from __future__ import annotations
