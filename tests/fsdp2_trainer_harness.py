@@ -1,5 +1,7 @@
-"""``LookbehindTrainer`` under FSDP2 on the CPU, run as a script in two gloo processes
-(``torchrun --nproc_per_node 2 fsdp2_trainer_harness.py OUT``).
+"""``LookbehindTrainer`` under FSDP2 on the CPU, run as a script in two gloo processes with the
+repository's FSDP2 accelerate config (``accelerate launch --config_file
+examples/accelerate_configs/fsdp2.yaml --num_processes 2 fsdp2_trainer_harness.py OUT``). One
+run takes FSDP2 from that config alone, the others from the Trainer's ``--fsdp`` flags.
 
 accelerate turns every CPU launch into DDP (``DistributedType.MULTI_CPU``) and drops the FSDP
 plugin (accelerate/state.py only honours it for GPU-like devices), so
@@ -23,18 +25,15 @@ from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from trainer_harness import InOrderTrainer, ToyDataset, make_args, make_model
 
+FSDP2_FLAGS = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
 # The Trainer refuses an optimizer passed in under FSDP: it builds SGD with momentum 0.9 itself,
 # the optimizer of ``trainer_harness.make_trainer``.
-FSDP2 = {
-    "fsdp": "full_shard",
-    "fsdp_config": {"version": 2},
-    "optim": "sgd",
-    "optim_args": "momentum=0.9",
-}
+SGD_MOMENTUM = {"optim": "sgd", "optim_args": "momentum=0.9"}
 
-# name: (Trainer flags, resume from this run's checkpoint)
+# name: Trainer flags (the first run without --fsdp flags: FSDP2 from the accelerate config)
 RUNS = {
     "same_batch_accumulation_clipped": dict(
+        fsdp_flags=False,
         lookbehind_k=2, gradient_accumulation_steps=2, per_device_train_batch_size=4,
         max_grad_norm=0.3,
     ),
@@ -64,8 +63,8 @@ def shard_on_cpu() -> None:
     accelerate.state.AcceleratorState.__init__ = init
 
 
-def fsdp2_trainer(output_dir: Path, **flags) -> InOrderTrainer:
-    args = make_args(output_dir, **FSDP2, **flags)
+def fsdp2_trainer(output_dir: Path, fsdp_flags: bool = True, **flags) -> InOrderTrainer:
+    args = make_args(output_dir, **SGD_MOMENTUM, **(FSDP2_FLAGS if fsdp_flags else {}), **flags)
     return InOrderTrainer(model=make_model(), args=args, train_dataset=ToyDataset())
 
 
@@ -91,8 +90,8 @@ def bf16_run(output_dir: Path) -> dict:
     dataset = ToyDataset()
     dataset.x = dataset.x.float()
     args = make_args(
-        output_dir, **FSDP2, bf16=True, per_device_train_batch_size=8, lookbehind_k=3,
-        lookbehind_alpha="adaptive",
+        output_dir, **SGD_MOMENTUM, **FSDP2_FLAGS, bf16=True, per_device_train_batch_size=8,
+        lookbehind_k=3, lookbehind_alpha="adaptive",
     )  # fmt: skip
     trainer = InOrderTrainer(model=make_model().float(), args=args, train_dataset=dataset)
     trainer.train()

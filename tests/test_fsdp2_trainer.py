@@ -21,6 +21,7 @@ from trainer_harness import make_args, make_trainer
 from two_processes import run_two_processes
 
 HARNESS = Path(__file__).with_name("fsdp2_trainer_harness.py")
+FSDP2_CONFIG = HARNESS.parents[1] / "examples" / "accelerate_configs" / "fsdp2.yaml"
 
 # The same training without sharding, in one process on the global batch of 16 (the FSDP2 runs:
 # 2 processes x 8, or 2 x 4 x 2 accumulation steps).
@@ -37,7 +38,11 @@ UNSHARDED = {
 def launched(tmp_path_factory) -> tuple[Path, list[dict]]:
     output_dir = tmp_path_factory.mktemp("fsdp2_trainer")
     run_two_processes(
-        HARNESS, [str(output_dir)], "torchrun", env={"PYTHONPATH": str(HARNESS.parent)}
+        HARNESS,
+        [str(output_dir)],
+        "accelerate",
+        env={"PYTHONPATH": str(HARNESS.parent)},
+        config=FSDP2_CONFIG,
     )
     ranks = [json.loads((output_dir / f"trainer_rank{r}.json").read_text()) for r in (0, 1)]
     return output_dir, ranks
@@ -148,7 +153,6 @@ def test_fsdp2_arguments_are_accepted(tmp_path, restored_environment):
 def test_the_fsdp2_accelerate_config_loads():
     from accelerate.commands.config.config_args import ClusterConfig
 
-    config_file = HARNESS.parents[1] / "examples" / "accelerate_configs" / "fsdp2.yaml"
-    config = ClusterConfig.from_yaml_file(config_file)
+    config = ClusterConfig.from_yaml_file(FSDP2_CONFIG)
     assert str(config.distributed_type).endswith("FSDP")
     assert config.fsdp_config["fsdp_version"] == 2

@@ -21,17 +21,21 @@ def free_port() -> int:
 
 
 def run_two_processes(
-    script: Path, args: Sequence[str], launcher: str = "accelerate", env: dict | None = None
+    script: Path,
+    args: Sequence[str],
+    launcher: str = "accelerate",
+    env: dict | None = None,
+    config: Path = MULTI_GPU_CONFIG,
 ) -> None:
     """Run ``script args`` in two processes (one thread each) with ``torchrun`` or ``accelerate
-    launch`` and the repository's multi-GPU config, on a free port; fail with the tail of its
-    stderr."""
+    launch`` and an accelerate config (the repository's multi-GPU one by default), on a free
+    port; fail with the tail of its stderr."""
     port = str(free_port())
     if launcher == "torchrun":
         prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     else:
         prefix = [
-            "-m", "accelerate.commands.launch", "--config_file", str(MULTI_GPU_CONFIG),
+            "-m", "accelerate.commands.launch", "--config_file", str(config),
             "--num_processes", "2", "--main_process_port", port,
         ]  # fmt: skip
     command = [sys.executable, *prefix, str(script), *args]
