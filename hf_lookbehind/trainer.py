@@ -174,7 +174,7 @@ class LookbehindTrainer(Trainer):
         fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         check_sharding(  # also catches FSDP/DeepSpeed set up by the accelerate config
             deepspeed=self.is_deepspeed_enabled or self.is_fsdp_xla_enabled,
-            fsdp_version=None if fsdp_plugin is None else fsdp_plugin.fsdp_version,
+            fsdp_version=None if fsdp_plugin is None else getattr(fsdp_plugin, "fsdp_version", 1),
             ascent_sync=self.args.ascent_sync,
             fp16=self.accelerator.mixed_precision == "fp16",
         )
