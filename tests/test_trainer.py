@@ -225,7 +225,10 @@ def weights_of(model: torch.nn.Module) -> dict:
 
 
 def largest_gap(a: dict, b: dict) -> float:
-    return max((torch.tensor(a[k]) - torch.tensor(b[k])).abs().max().item() for k in a)
+    def as_float64(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64)
+
+    return max((as_float64(a[k]) - as_float64(b[k])).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
