@@ -23,7 +23,13 @@ import accelerate.state
 import torch
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
-from trainer_harness import InOrderTrainer, ToyDataset, make_args, make_model
+from trainer_harness import (
+    InOrderTrainer,
+    ToyDataset,
+    make_args,
+    make_model,
+    make_pretrained_model,
+)
 
 FSDP2_FLAGS = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
 # The Trainer refuses an optimizer passed in under FSDP: it builds SGD with momentum 0.9 itself,
@@ -104,6 +110,16 @@ def bf16_run(output_dir: Path) -> dict:
     }
 
 
+def pretrained_run(output_dir: Path) -> dict:
+    """A transformers model trained under FSDP2 and saved by the Trainer (``from_pretrained``
+    loads it in the test)."""
+    args = make_args(output_dir, **SGD_MOMENTUM, **FSDP2_FLAGS, per_device_train_batch_size=8)
+    trainer = InOrderTrainer(model=make_pretrained_model(), args=args, train_dataset=ToyDataset())
+    trainer.train()
+    trainer.save_model(str(output_dir / "saved"))
+    return sharding_facts(trainer)
+
+
 def main() -> None:
     output_dir = Path(sys.argv[1])
     torch.set_num_threads(1)
@@ -124,6 +140,7 @@ def main() -> None:
     resumed = fsdp2_trainer(output_dir / "resumed", **RUNS[name])
     resumed.train(resume_from_checkpoint=str(checkpoint))
     results["resumed"] = {**sharding_facts(resumed), "weights": full_weights(resumed.model)}
+    results["pretrained"] = pretrained_run(output_dir / "pretrained")
     results["bf16"] = bf16_run(output_dir / "bf16")
     (output_dir / f"trainer_rank{rank}.json").write_text(json.dumps(results))
 

@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from trainer_harness import make_args, make_trainer
+from trainer_harness import (
+    TinyPreTrainedClassifier,
+    make_args,
+    make_pretrained_model,
+    make_trainer,
+)
 from two_processes import run_two_processes
 
 HARNESS = Path(__file__).with_name("fsdp2_trainer_harness.py")
@@ -102,6 +107,22 @@ def test_fsdp2_checkpoint_resumes_bit_identically_mid_cycle(tmp_path, launched):
     for name, p in five_steps.model.named_parameters():
         assert saved[name].shape == p.shape
         assert (saved[name] - p.detach()).abs().max().item() < 1e-10
+
+
+@pytest.mark.slow
+def test_fsdp2_saved_transformers_model_loads_with_from_pretrained(tmp_path, launched):
+    """The Trainer's save under FSDP2 is a full transformers model of slow weights:
+    ``from_pretrained`` loads the weights of the unsharded Trainer's run."""
+    output_dir, ranks = launched
+    assert_sharded(ranks[0]["pretrained"])
+    loaded = TinyPreTrainedClassifier.from_pretrained(
+        output_dir / "pretrained" / "saved", dtype=torch.float64
+    )
+    unsharded = make_trainer(tmp_path, model=make_pretrained_model())
+    unsharded.train()
+    saved = {name: p.detach() for name, p in loaded.named_parameters()}
+    assert largest_gap(saved, unsharded.model) < 1e-10
+    assert largest_gap(saved, make_pretrained_model()) > 1e-3
 
 
 @pytest.mark.slow

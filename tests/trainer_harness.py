@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
+from transformers import PretrainedConfig, PreTrainedModel
 
 from hf_lookbehind import Lookbehind, LookbehindTrainer, LookbehindTrainingArguments
 
@@ -33,6 +34,43 @@ class TinyClassifier(nn.Module):
         if labels is not None:
             out["loss"] = nn.functional.cross_entropy(logits, labels)
         return out
+
+
+class TinyConfig(PretrainedConfig):
+    model_type = "hf_lookbehind_tiny_classifier"
+
+    def __init__(self, hidden_size: int = 8, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.hidden_size = hidden_size
+
+
+class TinyPreTrainedClassifier(PreTrainedModel):
+    """``TinyClassifier`` (without BatchNorm) as a transformers model: ``save_pretrained`` /
+    ``from_pretrained`` round trips."""
+
+    config_class = TinyConfig
+
+    def __init__(self, config: TinyConfig) -> None:
+        super().__init__(config)
+        self.fc1 = nn.Linear(FEATURES, config.hidden_size)
+        self.fc2 = nn.Linear(config.hidden_size, CLASSES)
+        self.post_init()
+
+    def get_input_embeddings(self) -> None:
+        """No token embeddings (accelerate's FSDP2 preparation asks for them)."""
+        return None
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None):
+        logits = self.fc2(torch.tanh(self.fc1(x)))
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def make_pretrained_model() -> TinyPreTrainedClassifier:
+    torch.manual_seed(0)
+    return TinyPreTrainedClassifier(TinyConfig()).double()
 
 
 class ToyDataset(Dataset):
