@@ -97,6 +97,11 @@ run_translation() {
     translate "lookbehind_a0.8_rho$rho" 0 --lookbehind_method lookbehind --minibatch_switching \
       --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
   done
+  # A second seed for the main comparison.
+  translate adam 1 --lookbehind_method none
+  translate sam_rho0.05 1 --lookbehind_method sam --rho 0.05
+  translate lookbehind_a0.8_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.05
   rho=$(best_rho lookbehind_a0.8)
   translate "lookahead_sam_a0.8_rho$rho" 0 --lookbehind_method lookahead --perturbation sam \
     --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
