@@ -105,6 +105,15 @@ run_translation() {
   rho=$(best_rho lookbehind_a0.8)
   translate "lookahead_sam_a0.8_rho$rho" 0 --lookbehind_method lookahead --perturbation sam \
     --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
+  translate lookahead_adam_a0.8 1 --lookbehind_method lookahead --perturbation none \
+    --lookbehind_k 2 --lookbehind_alpha 0.8
+  translate lookbehind_a1_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.05
+  translate lookbehind_adaptive_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha adaptive --rho 0.05
+  translate sam_rho0.02 1 --lookbehind_method sam --rho 0.02
+  translate lookbehind_a0.8_rho0.02 1 --lookbehind_method lookbehind --minibatch_switching \
+    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.02
 }
 
 # ---------------------------------------------------------------------------------- cifar
