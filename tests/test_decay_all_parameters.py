@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
-from transformers import HfArgumentParser
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
 
-from run_cifar import PAPER_DEFAULTS, CifarDataArguments, ModelArguments
+from run_cifar import argument_parser
 
 WEIGHT_DECAY = 5e-4
 
@@ -86,8 +85,7 @@ def test_default_keeps_the_trainer_exemptions(tmp_path, method):
 
 
 def test_cifar_recipe_decays_every_parameter_by_default(tmp_path):
-    parser = HfArgumentParser((ModelArguments, CifarDataArguments, LookbehindTrainingArguments))
-    parser.set_defaults(**PAPER_DEFAULTS)
+    parser = argument_parser()
     common = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
     *_, paper = parser.parse_args_into_dataclasses(args=common)
     *_, trainer_rule = parser.parse_args_into_dataclasses(
@@ -98,8 +96,7 @@ def test_cifar_recipe_decays_every_parameter_by_default(tmp_path):
 
 def test_cifar_recipe_does_not_clip_by_default(tmp_path):
     """The paper's public code never clips; the Trainer's default would clip at 1.0."""
-    parser = HfArgumentParser((ModelArguments, CifarDataArguments, LookbehindTrainingArguments))
-    parser.set_defaults(**PAPER_DEFAULTS)
+    parser = argument_parser()
     common = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none"]
     *_, paper = parser.parse_args_into_dataclasses(args=common)
     assert paper.max_grad_norm == 0.0

@@ -22,7 +22,7 @@ import torch
 from datasets import Dataset
 from transformers import HfArgumentParser, set_seed
 
-from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import LookbehindTrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "image_classification"))
 
@@ -31,19 +31,21 @@ from cifar_models import CIFAR_MODELS, create_cifar_model
 from image_classification_utils import (
     DataArguments,
     ImageClassifier,
-    MultiStepLRTrainer,
+    LearningRateArguments,
+    create_trainer,
     image_and_label_columns,
     load_image_splits,
     num_classes,
+    scale_learning_rate,
     top_k_accuracy,
     track_best_accuracy,
     train_and_evaluate,
 )
 
-LR_SCHEDULES = ("multistep", "trainer")
-
 # The paper's training setup; every entry can be overridden on the command line.
 PAPER_DEFAULTS = {
+    "lr_schedule": "multistep",  # lr x0.1 at epochs 50/100/150
+    "lr_decay_epochs": [50, 100, 150],
     "do_train": True,
     "do_eval": True,
     "num_train_epochs": 200,
@@ -69,19 +71,6 @@ class ModelArguments:
         default="resnet34",
         metadata={"help": "CIFAR architecture.", "choices": list(CIFAR_MODELS)},
     )
-    lr_schedule: str = field(
-        default="multistep",
-        metadata={
-            "help": "multistep: lr x --lr_decay_factor at each of --lr_decay_epochs (the paper); "
-            "trainer: the Trainer's --lr_scheduler_type (e.g. cosine, Table 8).",
-            "choices": list(LR_SCHEDULES),
-        },
-    )
-    lr_decay_epochs: list[int] = field(
-        default_factory=lambda: [50, 100, 150],
-        metadata={"help": "Epochs (of --num_train_epochs) at which multistep decays the lr."},
-    )
-    lr_decay_factor: float = field(default=0.1, metadata={"help": "multistep decay factor."})
 
 
 @dataclass
@@ -116,10 +105,20 @@ def cifar_dataset(
     )
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = HfArgumentParser((ModelArguments, CifarDataArguments, LookbehindTrainingArguments))
+def argument_parser() -> HfArgumentParser:
+    """The recipe's flags (model, data, learning-rate schedule, Trainer and Lookbehind) with
+    the paper's setup as defaults."""
+    parser = HfArgumentParser(
+        (ModelArguments, CifarDataArguments, LearningRateArguments, LookbehindTrainingArguments)
+    )
     parser.set_defaults(**PAPER_DEFAULTS)
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    parser = argument_parser()
+    model_args, data_args, lr_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    scale_learning_rate(training_args, lr_args)
     set_seed(training_args.seed)
     track_best_accuracy(training_args)
 
@@ -134,15 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         "eval_dataset": cifar_dataset(eval_split, data_args, classes, augment=False),
         "compute_metrics": top_k_accuracy(),
     }
-    if model_args.lr_schedule == "multistep":
-        trainer = MultiStepLRTrainer(
-            decay_epochs=model_args.lr_decay_epochs,
-            decay_factor=model_args.lr_decay_factor,
-            **trainer_kwargs,
-        )
-    else:
-        trainer = LookbehindTrainer(**trainer_kwargs)
-    return train_and_evaluate(trainer, training_args)
+    return train_and_evaluate(create_trainer(lr_args, **trainer_kwargs), training_args)
 
 
 if __name__ == "__main__":
