@@ -196,21 +196,21 @@ def test_la_maml_gradient_clipping_matches_transcription(algorithm, first_order)
     """La-MAML's clamp of the inner gradients and norm clip of the meta-gradient, at a bound
     that clamps part of the entries and shortens the meta-gradient."""
     model, pieces, meta_batch = tiny_problem(seed=5)
-    clip, settings = 0.05, {"eta": 0.3, "first_order": first_order, "clip": 0.05}
+    clip = 0.05
     gradient, _ = grad_and_hessian(flat(model), pieces[0])
     assert (gradient.abs() > clip).any() and (gradient.abs() < clip).any()
-    if algorithm == "lookahead":
-        expected = algorithm_3(flat(model), pieces, meta_batch, **settings)
-    else:
-        expected = algorithm_4(flat(model), pieces, meta_batch, rho=0.2, alpha=0.6, **settings)
-    unclipped = (algorithm_3 if algorithm == "lookahead" else algorithm_4)(
-        flat(model),
-        pieces,
-        meta_batch,
-        eta=0.3,
-        first_order=first_order,
-        **({} if algorithm == "lookahead" else {"rho": 0.2, "alpha": 0.6}),
-    )
+
+    def transcription(clip_bound):
+        if algorithm == "lookahead":
+            return algorithm_3(
+                flat(model), pieces, meta_batch, eta=0.3, first_order=first_order, clip=clip_bound
+            )
+        return algorithm_4(
+            flat(model), pieces, meta_batch, eta=0.3, rho=0.2, alpha=0.6,
+            first_order=first_order, clip=clip_bound,
+        )  # fmt: skip
+
+    expected, unclipped = transcription(clip), transcription(None)
     assert (expected - unclipped).abs().max() > 1e-4
     cmaml_outer_step(
         model,
