@@ -20,20 +20,26 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUN
 # ---------------------------------------------------------------------------- translation
 # Multi30k de-en, Moses-tokenized and lowercased once (the recipe's --moses_tokenize, saved to
 # files so that each run skips it); the first 5,000 training pairs, a joint BPE of 2,000
-# subwords learned on them (shared by every run), a 2+2-layer Transformer of width 64,
-# 1,000 steps of at most 512 tokens (about 5.5 epochs of the subset), warm-up 100 steps.
+# subwords learned on them (shared by every run), a 2+2-layer Transformer of width 128
+# (1.28M parameters), 1,000 steps of at most 2,048 tokens (about 20 epochs of the subset),
+# Adam lr 2e-3 with 100 warm-up steps and a cosine decay to 0, greedy decoding, validation
+# loss and BLEU every 250 steps. Adam's validation loss levels off here: the plateau of a model
+# that has begun to overfit its 5,000 pairs (training loss well below validation loss).
 TRANSLATION_DATA=$RUNS/data/multi30k_tok
+TRANSLATION_RUNS=$RUNS/translation_plateau
 TRANSLATION_COMMON=(
   --data_dir "$TRANSLATION_DATA" --validation_split val --test_split test_2016_flickr
   --max_train_samples 5000 --bpe_vocab_size 2000 --subword_dir "$RUNS/data/subwords_multi30k_5k"
-  --d_model 64 --encoder_layers 2 --decoder_layers 2 --attention_heads 4 --ffn_dim 128
-  --dropout 0.1 --max_tokens 512 --max_steps 1000
-  --learning_rate 2e-3 --lr_scheduler_type inverse_sqrt --warmup_steps 100
+  --d_model 128 --encoder_layers 2 --decoder_layers 2 --attention_heads 4 --ffn_dim 512
+  --dropout 0.1 --max_tokens 2048 --max_steps 1000
+  --learning_rate 2e-3 --lr_scheduler_type cosine --warmup_steps 100
   --adam_beta2 0.98 --weight_decay 1e-4 --label_smoothing_factor 0.1 --max_grad_norm 0
-  --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 2
+  --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 1
   --generation_max_length 80 --per_device_eval_batch_size 128 --logging_steps 50
+  --eval_strategy steps --eval_steps 250
   --save_strategy no --report_to none --use_cpu --disable_tqdm true
 )
+JOBS=${JOBS:-2}  # runs side by side, one thread each
 
 prepare_multi30k() {
   [[ -f $TRANSLATION_DATA/train.en ]] && return
@@ -55,7 +61,7 @@ EOF
 }
 
 translate() {  # NAME SEED FLAGS...
-  local name=$1 seed=$2 dir=$RUNS/translation/$1_seed$2
+  local name=$1 seed=$2 dir=$TRANSLATION_RUNS/$1_seed$2
   shift 2
   [[ -f $dir/all_results.json ]] && return
   mkdir -p "$dir"
@@ -64,8 +70,17 @@ translate() {  # NAME SEED FLAGS...
     --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1
 }
 
-best_rho() {  # PREFIX: the rho of the run PREFIX_rho*_seed0 with the highest validation BLEU
-  "$PYTHON" - "$RUNS/translation" "$1" <<'EOF'
+in_parallel() {  # JOB...: each JOB is the arguments of one translate call, as one string
+  local job
+  for job in "$@"; do
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
+    eval "translate $job" &
+  done
+  wait
+}
+
+best_rho() {  # PREFIX: the rho of the runs PREFIX_rho*_seed0 with the highest validation BLEU
+  "$PYTHON" - "$TRANSLATION_RUNS" "$1" <<'EOF'
 import json
 import sys
 from pathlib import Path
@@ -77,43 +92,33 @@ print(max(scores, key=scores.get))
 EOF
 }
 
+LOOKBEHIND="--lookbehind_method lookbehind --minibatch_switching --lookbehind_k 2"
+LOOKAHEAD_ADAM="--lookbehind_method lookahead --perturbation none --lookbehind_k 2"
+
 run_translation() {
   prepare_multi30k
-  local rho
-  # In order of priority (rho 0.05: the public code's SAM value), then a rho sweep.
-  translate adam 0 --lookbehind_method none
-  translate sam_rho0.05 0 --lookbehind_method sam --rho 0.05
-  translate lookbehind_a0.8_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.05
-  translate lookahead_adam_a0.8 0 --lookbehind_method lookahead --perturbation none \
-    --lookbehind_k 2 --lookbehind_alpha 0.8
-  # Why Lookbehind-SAM trails: its slow weights take alpha x k inner steps per k batches.
-  translate lookbehind_a1_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.05
-  translate lookbehind_adaptive_rho0.05 0 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha adaptive --rho 0.05
-  for rho in 0.02 0.1; do
-    translate "sam_rho$rho" 0 --lookbehind_method sam --rho "$rho"
-    translate "lookbehind_a0.8_rho$rho" 0 --lookbehind_method lookbehind --minibatch_switching \
-      --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
-  done
-  # A second seed for the main comparison.
-  translate adam 1 --lookbehind_method none
-  translate sam_rho0.05 1 --lookbehind_method sam --rho 0.05
-  translate lookbehind_a0.8_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.05
-  rho=$(best_rho lookbehind_a0.8)
-  translate "lookahead_sam_a0.8_rho$rho" 0 --lookbehind_method lookahead --perturbation sam \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho "$rho"
-  translate lookahead_adam_a0.8 1 --lookbehind_method lookahead --perturbation none \
-    --lookbehind_k 2 --lookbehind_alpha 0.8
-  translate lookbehind_a1_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 1 --rho 0.05
-  translate lookbehind_adaptive_rho0.05 1 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha adaptive --rho 0.05
-  translate sam_rho0.02 1 --lookbehind_method sam --rho 0.02
-  translate lookbehind_a0.8_rho0.02 1 --lookbehind_method lookbehind --minibatch_switching \
-    --lookbehind_k 2 --lookbehind_alpha 0.8 --rho 0.02
+  local sam lookbehind adaptive
+  # Seed 0: Adam, Lookahead-Adam, and a rho sweep for every perturbation method (the paper
+  # tunes rho per method); the runs of two passes per step first, so the two slots end together.
+  in_parallel \
+    "sam_rho0.05 0 --lookbehind_method sam --rho 0.05" \
+    "lookbehind_a0.8_rho0.02 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.02" \
+    "lookbehind_adaptive_rho0.02 0 $LOOKBEHIND --lookbehind_alpha adaptive --rho 0.02" \
+    "sam_rho0.02 0 --lookbehind_method sam --rho 0.02" \
+    "lookbehind_a0.8_rho0.05 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.05" \
+    "sam_rho0.1 0 --lookbehind_method sam --rho 0.1" \
+    "lookbehind_a0.8_rho0.01 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.01" \
+    "lookbehind_adaptive_rho0.05 0 $LOOKBEHIND --lookbehind_alpha adaptive --rho 0.05" \
+    "adam 0 --lookbehind_method none" \
+    "lookahead_adam_a0.8 0 $LOOKAHEAD_ADAM --lookbehind_alpha 0.8"
+  sam=$(best_rho sam) lookbehind=$(best_rho lookbehind_a0.8) adaptive=$(best_rho lookbehind_adaptive)
+  # Seed 1 at each method's best rho (by seed 0's validation BLEU).
+  in_parallel \
+    "sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
+    "lookbehind_a0.8_rho$lookbehind 1 $LOOKBEHIND --lookbehind_alpha 0.8 --rho $lookbehind" \
+    "lookbehind_adaptive_rho$adaptive 1 $LOOKBEHIND --lookbehind_alpha adaptive --rho $adaptive" \
+    "adam 1 --lookbehind_method none" \
+    "lookahead_adam_a0.8 1 $LOOKAHEAD_ADAM --lookbehind_alpha 0.8"
 }
 
 # ---------------------------------------------------------------------------------- cifar
@@ -189,9 +194,10 @@ finished_runs() {  # FOLDER LAST_FILE PREFIX...: the runs FOLDER/PREFIX*_seed* t
 
 tables() {
   local runs
-  mapfile -t runs < <(finished_runs "$RUNS/translation" test_results.json adam sam_rho lookahead_adam \
-    lookbehind_a0.8_rho lookbehind_adaptive lookbehind_a1_rho lookahead_sam)
-  "$PYTHON" scripts/summarize_runs.py --kind translation "${runs[@]}"
+  mapfile -t runs < <(finished_runs "$TRANSLATION_RUNS" test_results.json adam sam_rho \
+    lookahead_adam lookbehind_a0.8_rho lookbehind_adaptive lookbehind_a1_rho)
+  [[ ${#runs[@]} -eq 0 ]] ||
+    "$PYTHON" scripts/summarize_runs.py --kind translation --curve eval_loss "${runs[@]}"
   echo
   local setup
   for setup in cifar cifar_plateau; do

@@ -9,7 +9,9 @@ validation and test BLEU, validation loss and seconds per Trainer step.
     python scripts/summarize_runs.py --kind translation out/adam_seed0 out/sam_rho0.1_seed0
 
 ``--group_seeds`` (always on for translation) makes one row of the runs whose folders differ
-only in a ``_seed<N>`` suffix: the mean over the seeds and each seed's value.
+only in a ``_seed<N>`` suffix: the mean over the seeds and each seed's value. ``--curve KEY``
+adds a second table: KEY (``eval_bleu``, ``eval_loss``, ...) at every step where it was logged,
+mean over the seeds, to show where each run levels off.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hf_lookbehind.analysis.cli import labelled
+from hf_lookbehind.analysis.curves import load_log_history, training_curves
 from hf_lookbehind.analysis.sweep import read_metric
 
 COLUMNS = ("eval_accuracy", "best_eval_accuracy", "train_seconds_per_epoch")
@@ -55,6 +58,15 @@ def translation_row(run_dir: str) -> dict[str, float]:
     row = {column: read_metric(run_dir, column) for column in TRANSLATION_COLUMNS}
     row["seconds_per_step"] = 1.0 / read_metric(run_dir, "train_steps_per_second")
     return row
+
+
+def curve_row(run_dir: str, key: str) -> dict[str, float]:
+    """``key`` at every step where the run logged it, one column per step (the last value logged
+    at a step, e.g. the final evaluation, wins)."""
+    curve = training_curves(load_log_history(run_dir), (key,)).get(key)
+    if curve is None:
+        raise ValueError(f"{run_dir}: its log history has no {key!r}")
+    return {str(step): value for step, value in zip(curve.steps, curve.values)}
 
 
 def summarize(run_dirs: dict[str, str]) -> list[dict[str, float | str]]:
@@ -127,6 +139,21 @@ def translation_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_markdown(rows: list[dict], key: str) -> str:
+    steps = sorted({int(c) for row in rows for c in row["per_seed"][0]})
+    lines = [
+        f"| {key} at step | " + " | ".join(map(str, steps)) + " |",
+        "| --- |" + " --- |" * len(steps),
+    ]
+    lines += [
+        f"| {row['run']} | "
+        + " | ".join(f"{row[str(step)]:.2f}" if str(step) in row else "" for step in steps)
+        + " |"
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, float | str]]) -> str:
     lines = [
         "| run | final acc | best acc | s/epoch | time vs first |",
@@ -149,6 +176,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help="One row per NAME of folders NAME_seed<N>: means and per-seed values.",
     )
+    parser.add_argument(
+        "--curve",
+        metavar="KEY",
+        help="Also print KEY (e.g. eval_bleu) at every logged step, mean over the seeds.",
+    )
     parser.add_argument("--json", type=Path, help="Also write the rows here.")
     args = parser.parse_args(argv)
     if args.kind == "translation":
@@ -160,6 +192,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         rows = summarize(labelled(args.run_dir))
         print(markdown(rows))
+    if args.curve:
+        print()
+        print(curve_markdown(group_by_seed(args.run_dir, lambda d: curve_row(d, args.curve)),
+                             args.curve))  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

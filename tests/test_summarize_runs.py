@@ -64,3 +64,30 @@ def test_group_seeds_needs_seed_folders(tmp_path):
     run = cifar_run(tmp_path / "sgd", 0.4, 0.5, [1.0, 2.0], 0.1)
     with pytest.raises(ValueError, match="NAME_seed<N>"):
         main(["--group_seeds", run])
+
+
+def test_curve_table_averages_each_step_over_seeds(tmp_path, capsys):
+    def run(name: str, bleus: list[float]) -> str:
+        history = [{"eval_bleu": b, "step": 250 * (i + 1)} for i, b in enumerate(bleus)]
+        history.append({"loss": 4.0, "step": 500})
+        results = {"eval_bleu": bleus[-1], "test_bleu": 1.0, "test_sacrebleu": 1.0,
+                   "eval_loss": 3.0, "train_steps_per_second": 1.0}  # fmt: skip
+        return write_run(tmp_path / name, results, history)
+
+    runs = [run("adam_seed0", [10.0, 20.0]), run("adam_seed1", [12.0, 22.0]),
+            run("sam_seed0", [9.0, 21.5])]  # fmt: skip
+    main(["--kind", "translation", "--curve", "eval_bleu", *runs])
+    lines = capsys.readouterr().out.splitlines()
+    curve = lines[lines.index("") + 1 :]
+    assert curve == [
+        "| eval_bleu at step | 250 | 500 |",
+        "| --- | --- | --- |",
+        "| adam | 11.00 | 21.00 |",
+        "| sam | 9.00 | 21.50 |",
+    ]
+
+
+def test_curve_of_a_key_never_logged_is_an_error(tmp_path):
+    run = cifar_run(tmp_path / "sgd_seed0", 0.4, 0.5, [1.0, 2.0], 0.1)
+    with pytest.raises(ValueError, match="no 'eval_bleu'"):
+        main(["--group_seeds", "--curve", "eval_bleu", run])
