@@ -98,8 +98,10 @@ LOOKAHEAD_ADAM="--lookbehind_method lookahead --perturbation none --lookbehind_k
 run_translation() {
   prepare_multi30k
   local sam lookbehind adaptive
-  # Seed 0: Adam, Lookahead-Adam, and a rho sweep for every perturbation method (the paper
-  # tunes rho per method); the runs of two passes per step first, so the two slots end together.
+  # Seed 0: Adam, Lookahead-Adam, a rho sweep for SAM and Lookbehind-SAM (the paper tunes rho
+  # per method), and Lookbehind with alpha 1 and rho 0: every inner step descends with a
+  # gradient taken at S, nothing else differs from Adam (why Lookbehind trails here). The runs
+  # of two passes per step first, so that the two slots end together.
   in_parallel \
     "sam_rho0.05 0 --lookbehind_method sam --rho 0.05" \
     "lookbehind_a0.8_rho0.02 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.02" \
@@ -108,12 +110,14 @@ run_translation() {
     "lookbehind_a0.8_rho0.05 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.05" \
     "sam_rho0.1 0 --lookbehind_method sam --rho 0.1" \
     "lookbehind_a0.8_rho0.01 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.01" \
-    "lookbehind_adaptive_rho0.05 0 $LOOKBEHIND --lookbehind_alpha adaptive --rho 0.05" \
+    "lookbehind_a1_rho0 0 $LOOKBEHIND --lookbehind_alpha 1 --rho 0" \
     "adam 0 --lookbehind_method none" \
     "lookahead_adam_a0.8 0 $LOOKAHEAD_ADAM --lookbehind_alpha 0.8"
   sam=$(best_rho sam) lookbehind=$(best_rho lookbehind_a0.8) adaptive=$(best_rho lookbehind_adaptive)
-  # Seed 1 at each method's best rho (by seed 0's validation BLEU).
+  # Seed 1 at each method's best rho (by seed 0's validation BLEU), and Lookbehind-SAM with
+  # alpha 1 at its best rho (the slow weights then take the full k inner steps).
   in_parallel \
+    "lookbehind_a1_rho$lookbehind 0 $LOOKBEHIND --lookbehind_alpha 1 --rho $lookbehind" \
     "sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
     "lookbehind_a0.8_rho$lookbehind 1 $LOOKBEHIND --lookbehind_alpha 0.8 --rho $lookbehind" \
     "lookbehind_adaptive_rho$adaptive 1 $LOOKBEHIND --lookbehind_alpha adaptive --rho $adaptive" \
