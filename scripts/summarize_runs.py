@@ -147,7 +147,7 @@ def curve_markdown(rows: list[dict], key: str) -> str:
     ]
     lines += [
         f"| {row['run']} | "
-        + " | ".join(f"{row[str(step)]:.2f}" if str(step) in row else "" for step in steps)
+        + " | ".join(f"{row[str(step)]:.3f}" if str(step) in row else "" for step in steps)
         + " |"
         for row in rows
     ]

@@ -82,8 +82,8 @@ def test_curve_table_averages_each_step_over_seeds(tmp_path, capsys):
     assert curve == [
         "| eval_bleu at step | 250 | 500 |",
         "| --- | --- | --- |",
-        "| adam | 11.00 | 21.00 |",
-        "| sam | 9.00 | 21.50 |",
+        "| adam | 11.000 | 21.000 |",
+        "| sam | 9.000 | 21.500 |",
     ]
 
 
