@@ -5,6 +5,7 @@ split, gradient clipping and argument checks (the runs on real images: test_life
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from episodic_memory import ReservoirMemory
 from lifelong_data import LifelongDataArguments, class_order, split_into_tasks
 from lifelong_metrics import average_accuracy, forgetting, format_table, summarize_seeds
 from lifelong_models import MultiHeadCNN
-from run_lifelong import Learner, MethodArguments
+from run_lifelong import Learner, MethodArguments, build_parser
 
 # a[t][tau]: rows after training task t, columns task tau
 MATRIX = [
@@ -220,3 +221,13 @@ def test_bad_data_settings_fail_when_parsed():
         LifelongDataArguments(benchmark="split_mnist")
     with pytest.raises(ValueError, match="at least the 5 classes"):
         LifelongDataArguments(train_samples_per_task=3)
+
+
+def test_every_flag_in_the_readme_is_a_recipe_flag():
+    """The README's ``--flags`` are the ones run_lifelong.py parses (argparse would also take an
+    unambiguous prefix, so the test compares whole option strings)."""
+    readme = Path(__file__).resolve().parents[1] / "examples" / "lifelong" / "README.md"
+    mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", readme.read_text()))
+    assert {"--method", "--max_grad_norm", "--episodic_replay"} <= mentioned
+    unknown = mentioned - set(build_parser()._option_string_actions)
+    assert not unknown, f"flags in examples/lifelong/README.md that the recipe lacks: {unknown}"

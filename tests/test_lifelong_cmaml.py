@@ -230,3 +230,57 @@ def test_unknown_algorithm_is_rejected():
     model, pieces, meta_batch = tiny_problem()
     with pytest.raises(ValueError, match="unknown C-MAML algorithm 'maml'"):
         cmaml_outer_step(model, pieces, meta_batch, algorithm="maml", lr=0.1)
+
+
+def balanced_zero_gradient_problem():
+    """All weights zero and every batch holding both labels of one task once: the logits are
+    zero, so every loss gradient (inner ascent, inner descent, meta) is exactly zero."""
+    model = TinyMultiHead().double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    x = torch.randn(4, INPUTS, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    labels, tasks = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 1, 0, 0])
+    pieces = [(x[:2], labels[:2], tasks[:2]), (x[2:], labels[2:], tasks[2:])]
+    return model, pieces, (x, labels, tasks)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_zero_gradient_gives_a_zero_lookbehind_step(first_order):
+    """The inner ascent and the outer SAM step normalise by the gradient norm: at a zero
+    gradient they must not move the weights (the engine's NORM_EPS), not make them NaN."""
+    model, pieces, meta_batch = balanced_zero_gradient_problem()
+    gradient, _ = grad_and_hessian(flat(model), pieces[0])
+    assert torch.equal(gradient, torch.zeros_like(gradient))
+    cmaml_outer_step(
+        model, pieces, meta_batch, algorithm="lookbehind", lr=0.3, rho=0.2, alpha=0.6,
+        first_order=first_order,
+    )  # fmt: skip
+    torch.testing.assert_close(flat(model), torch.zeros_like(flat(model)), rtol=0, atol=0)
+
+
+class WithUnusedParameter(TinyMultiHead):
+    """TinyMultiHead plus a trainable parameter that no forward pass uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.ones(2))
+
+
+@pytest.mark.parametrize("algorithm", ["lookahead", "lookbehind"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_parameter_without_gradient_is_left_untouched(algorithm, first_order):
+    """As ``torch.optim`` skips a parameter whose gradient is None: the unused parameter keeps
+    its value, and the used ones take the same step as in a model without it (with clipping,
+    so that the unused parameter would show in the global norms if it counted)."""
+    settings = {"algorithm": algorithm, "lr": 0.3, "rho": 0.2, "alpha": 0.6,
+                "first_order": first_order, "grad_clip": 0.05}  # fmt: skip
+    reference, pieces, meta_batch = tiny_problem(seed=5)
+    torch.manual_seed(0)
+    model = WithUnusedParameter().double()
+    model.load_state_dict(reference.state_dict(), strict=False)
+    cmaml_outer_step(reference, pieces, meta_batch, **settings)
+    cmaml_outer_step(model, pieces, meta_batch, **settings)
+    assert torch.equal(model.unused.detach(), torch.ones(2, dtype=torch.float64))
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(model.get_parameter(name).detach(), p.detach(), rtol=0, atol=0)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from hf_lookbehind.perturbation import NORM_EPS
+
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, within-task labels, tasks
 Params = dict[str, torch.Tensor]
 
@@ -43,7 +45,17 @@ def multitask_loss(model: nn.Module, params: Params, batch: Batch) -> torch.Tens
 
 
 def _gradient(loss: torch.Tensor, params: Params, create_graph: bool) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, list(params.values()), create_graph=create_graph))
+    """A parameter the loss does not use gets a zero gradient: without momentum or weight
+    decay its step is zero, so it keeps its value, as ``torch.optim`` skips it."""
+    return list(
+        torch.autograd.grad(
+            loss,
+            list(params.values()),
+            create_graph=create_graph,
+            allow_unused=True,
+            materialize_grads=True,
+        )
+    )
 
 
 def _add(params: Params, scale: float | torch.Tensor, direction: list[torch.Tensor]) -> Params:
@@ -52,6 +64,12 @@ def _add(params: Params, scale: float | torch.Tensor, direction: list[torch.Tens
 
 def _global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
+
+
+def _ascend(params: Params, rho: float, gradient: list[torch.Tensor]) -> Params:
+    """SAM's ascent ``params + rho g / ||g||``; a zero gradient gives a zero step (the
+    engine's ``NORM_EPS``)."""
+    return _add(params, rho / (_global_norm(gradient) + NORM_EPS), gradient)
 
 
 def _clamp(gradient: list[torch.Tensor], bound: float | None) -> list[torch.Tensor]:
@@ -89,7 +107,7 @@ def lookbehind_trajectory(
     perturbed, fast = start, start
     for piece in pieces:
         ascent = _gradient(multitask_loss(model, perturbed, piece), perturbed, create_graph)
-        perturbed = _add(perturbed, rho / _global_norm(ascent), ascent)
+        perturbed = _ascend(perturbed, rho, ascent)
         descent = _gradient(multitask_loss(model, perturbed, piece), perturbed, create_graph)
         fast = _add(fast, -lr, _clamp(descent, clamp))
     return {name: p + alpha * (fast[name] - p) for name, p in start.items()}
@@ -151,7 +169,7 @@ def cmaml_outer_step(
     }
     gradient = meta_gradient(model, params, pieces, meta_batch, first_order=first_order, **settings)
     if algorithm == "lookbehind":
-        perturbed = _add(params, rho / _global_norm(gradient), gradient)
+        perturbed = _ascend(params, rho, gradient)
         gradient = meta_gradient(
             model, perturbed, pieces, meta_batch, first_order=first_order, **settings
         )

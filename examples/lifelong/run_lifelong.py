@@ -71,7 +71,7 @@ METHOD_LABELS = {
 # by (method, episodic replay). Not in Table 7: ER + SGD (SGD's eta is used) and
 # Lookahead-C-MAML (the La-MAML code's C-MAML: inner and outer lr 0.075, a batch of 10 split
 # into 5 inner steps). Split-CIFAR10 uses the Split-CIFAR100 values.
-LA_MAML_GRAD_CLIP = 2.0  # La-MAML's --grad_clip_norm default
+LA_MAML_GRAD_CLIP = 2.0  # La-MAML's grad_clip_norm default
 
 TABLE_7: dict[str, dict[tuple[str, bool], dict[str, float]]] = {
     "split_cifar100": {
@@ -136,7 +136,7 @@ class MethodArguments:
         default=None,
         metadata={
             "help": "Clip the norm of every descent gradient to this; C-MAML also clamps its "
-            "inner gradients to [-c, c] (La-MAML's --grad_clip_norm). Default: 2.0 for C-MAML "
+            "inner gradients to [-c, c] (La-MAML's grad_clip_norm). Default: 2.0 for C-MAML "
             "(La-MAML's value), off for the others (the paper's algorithms print none); 0: off."
         },
     )
@@ -225,10 +225,9 @@ class Learner:
                 self.optimizer = Lookbehind(
                     self.optimizer,
                     method=engine_method,
-                    k=settings.get("k"),
-                    alpha=settings.get("alpha", 0.5),
                     rho=settings["rho"],
                     max_grad_norm=self.max_grad_norm,
+                    **{name: settings[name] for name in ("k", "alpha") if name in settings},
                 )
 
     def step(self, current: tuple, replay: tuple | None) -> None:
@@ -348,9 +347,13 @@ def train_sequence(
     }
 
 
+def build_parser() -> HfArgumentParser:
+    """The recipe's command line: data, method and run arguments."""
+    return HfArgumentParser((LifelongDataArguments, MethodArguments, RunArguments))
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = HfArgumentParser((LifelongDataArguments, MethodArguments, RunArguments))
-    data_args, method_args, run_args = parser.parse_args_into_dataclasses(args=argv)
+    data_args, method_args, run_args = build_parser().parse_args_into_dataclasses(args=argv)
     settings = method_args.hyperparameters(data_args.benchmark)  # fails before any data loads
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu")
