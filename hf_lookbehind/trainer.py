@@ -208,7 +208,13 @@ class LookbehindTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer (built from ``--optim`` or passed in ``optimizers``),
-        wrapped in the Lookbehind engine as its base optimizer."""
+        wrapped in the Lookbehind engine as its base optimizer. A later ``train()`` on the same
+        Trainer gets the engine itself back, unwrapped from the accelerator's optimizer of the
+        earlier run, so that it is neither wrapped twice nor rebuilt."""
+        engine = self.lookbehind
+        if engine is not None:
+            self.optimizer = engine
+            return engine
         base = super().create_optimizer(model)
         if not self.uses_lookbehind or isinstance(base, Lookbehind):
             return base

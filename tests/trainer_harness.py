@@ -132,12 +132,13 @@ def make_trainer(output_dir, model=None, dataset=None, **overrides) -> InOrderTr
     )
 
 
-def sequential_closures(model: nn.Module, batch_size: int, steps: int):
+def sequential_closures(model: nn.Module, batch_size: int, steps: int, first_step: int = 0):
     """One closure per step over the sequential batches of ``ToyDataset`` (the Trainer's data
-    order here), wrapping around at the end of each epoch."""
+    order here), wrapping around at the end of each epoch; from step ``first_step`` on (a run
+    resumed after that many steps)."""
     dataset = ToyDataset()
     batches_per_epoch = len(dataset) // batch_size
-    for step in range(steps):
+    for step in range(first_step, first_step + steps):
         start = (step % batches_per_epoch) * batch_size
         x, y = dataset.x[start : start + batch_size], dataset.y[start : start + batch_size]
 
