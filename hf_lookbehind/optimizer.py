@@ -54,7 +54,7 @@ from .batchnorm import batchnorm_modules, frozen_running_stats
 from .multi_tensor import copy_into_buffers, global_norm, lerp_, swap_storage, zero_nonfinite_
 from .perturbation import ascend_
 from .schedules import BUFFERS, FAST, FIRST_FAST, micro_batch_ascent, schedule_for
-from .settings import METHODS, validate_settings
+from .settings import METHODS, applicable_settings, validate_settings
 from .sharding import local_shards
 
 __all__ = ["BUFFERS", "METHODS", "CheckedGradients", "Lookbehind"]
@@ -93,25 +93,30 @@ class Lookbehind(torch.optim.Optimizer):
         base_optimizer: the optimizer ``A`` that updates the fast weights (SGD, Adam, ...).
         method: ``lookbehind``, ``sam``, ``multistep``, ``multistep_avg`` or ``lookahead``.
         k: inner steps per outer step (ascent steps for multistep); default 2, and 1 for sam.
-        alpha: slow-weight step size in (0, 1], or ``"adaptive"`` (eq. 7-8, lookbehind only).
-        rho: neighbourhood radius of the ascent step.
+        alpha: slow-weight step size in (0, 1] (default 0.5), or ``"adaptive"`` (eq. 7-8,
+            lookbehind only); for lookbehind and lookahead, refused for the other methods.
+        rho: neighbourhood radius of the ascent step (default 0.05).
         perturbation: ``sam`` (eq. 3), ``asam`` (eq. 4) or ``none`` (lookahead only).
-        asam_eta: eta of ASAM's ``T = |w| + eta``. Which tensors ASAM rescales is the
-            ``asam_scale`` setting of each parameter group (default True; see
+        asam_eta: eta of ASAM's ``T = |w| + eta`` (default 0.01; ASAM only). Which tensors ASAM
+            rescales is the ``asam_scale`` setting of each parameter group (default True; see
             :func:`hf_lookbehind.asam_param_groups` for the public ASAM code's grouping).
-        adaptive_scope: ``per_tensor`` (one angle per tensor, the public code) or ``global``.
+        adaptive_scope: ``per_tensor`` (default; one angle per tensor, the public code) or
+            ``global``; adaptive alpha only.
         minibatch_switching: lookbehind only; one inner step per ``step()`` on a new minibatch.
         model: the model, needed only to control BatchNorm statistics.
-        batchnorm_update: ``first_pass`` (default: only the first forward pass of each
-            ``step()`` updates BatchNorm running statistics, which in same-batch mode is the
-            pass at the slow weights that are evaluated) or ``every_pass`` (the public code).
-            Without ``model`` the engine does not touch BatchNorm and every pass updates.
+        batchnorm_update: with ``model``, ``first_pass`` (default: only the first forward pass
+            of each ``step()`` updates BatchNorm running statistics, which in same-batch mode is
+            the pass at the slow weights that are evaluated) or ``every_pass`` (the public
+            code). Without ``model`` the engine cannot reach BatchNorm: every pass updates, and
+            asking for ``first_pass`` is an error.
         max_grad_norm: clip the global gradient norm of every descent update to this value
             (never the ascent direction); ``None`` does not clip.
         micro_batch_ascent: m-SAM (Table 9): ``step`` takes a sequence of closures, one per
             micro-batch, each perturbed with its own gradient; the descent uses the sum of their
             gradients (see :func:`hf_lookbehind.schedules.micro_batch_ascent`). For ``sam`` and
             same-batch ``lookbehind``.
+
+    A setting given where the method does not read it is refused, so none is silently ignored.
     """
 
     def __init__(
@@ -120,22 +125,35 @@ class Lookbehind(torch.optim.Optimizer):
         *,
         method: str = "lookbehind",
         k: int | None = None,
-        alpha: float | str = 0.5,
-        rho: float = 0.05,
+        alpha: float | str | None = None,
+        rho: float | None = None,
         perturbation: str = "sam",
-        asam_eta: float = 0.01,
-        adaptive_scope: str = "per_tensor",
+        asam_eta: float | None = None,
+        adaptive_scope: str | None = None,
         minibatch_switching: bool = False,
         model: nn.Module | None = None,
-        batchnorm_update: str = "first_pass",
+        batchnorm_update: str | None = None,
         max_grad_norm: float | None = None,
         micro_batch_ascent: bool = False,
     ) -> None:
+        if isinstance(base_optimizer, Lookbehind):
+            raise TypeError(
+                "base_optimizer is already a Lookbehind engine; wrap the plain optimizer (SGD, "
+                "Adam, ...) once, and use reconfigure() to change the method"
+            )
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}"
             )
-        k = validate_settings(
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model)}")
+        if model is None and batchnorm_update == "first_pass":
+            raise ValueError(
+                f"batchnorm_update={batchnorm_update!r} needs model=: the engine controls the "
+                "BatchNorm layers of the model it is given (without a model every pass updates "
+                "the running statistics)"
+            )
+        settings = validate_settings(
             method=method,
             k=k,
             alpha=alpha,
@@ -148,8 +166,8 @@ class Lookbehind(torch.optim.Optimizer):
             max_grad_norm=max_grad_norm,
             micro_batch_ascent=micro_batch_ascent,
         )
-        if model is not None and not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model)}")
+        if model is not None and settings["batchnorm_update"] is None:
+            settings["batchnorm_update"] = "first_pass"
         if any(group.get("maximize", False) for group in base_optimizer.param_groups):
             raise ValueError("Lookbehind minimises; the base optimizer must not set maximize=True")
 
@@ -160,23 +178,17 @@ class Lookbehind(torch.optim.Optimizer):
             dict
         )
         self.base_optimizer = base_optimizer
-        self.method = method
-        self.k = k
-        self.alpha = alpha
-        self.rho = float(rho)
-        self.perturbation = perturbation
-        self.asam_eta = float(asam_eta)
-        self.adaptive_scope = adaptive_scope
-        self.minibatch_switching = bool(minibatch_switching)
-        self.batchnorm_update = batchnorm_update
-        self.max_grad_norm = max_grad_norm
-        self.micro_batch_ascent = bool(micro_batch_ascent)
+        self._apply_settings(settings)
         self._batchnorms = batchnorm_modules(model)
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
         self.last_descent_grad_norm: torch.Tensor | None = None
         self._checked_norm: torch.Tensor | None = None
         self._init_run_state()
+
+    def _apply_settings(self, settings: dict[str, Any]) -> None:
+        for name, value in settings.items():
+            setattr(self, name, value)
 
     # ----------------------------------------------------------------- configuration and state
     @property
@@ -204,9 +216,9 @@ class Lookbehind(torch.optim.Optimizer):
     def reconfigure(self, **changes: Any) -> None:
         """Switch to another setup between outer steps, keeping the base optimizer's state
         (Sec. 5.4: SAM/ASAM for some epochs, then Lookbehind, or the reverse). ``changes`` are
-        constructor settings (``method``, ``k``, ``alpha``, ...); ``k`` falls back to its
-        default for the new method unless given. The Lookbehind buffers are released; the next
-        step allocates what the new setup needs."""
+        constructor settings (``method``, ``k``, ``alpha``, ...); a setting not given keeps its
+        value where the new method reads it (``k`` falls back to its default). The Lookbehind
+        buffers are released; the next step allocates what the new setup needs."""
         if self.cycle_position != 0:
             raise RuntimeError(
                 f"reconfigure() between outer steps only: {self.cycle_position} of {self.k} "
@@ -215,10 +227,8 @@ class Lookbehind(torch.optim.Optimizer):
         unknown = set(changes) - set(self.settings)
         if unknown:
             raise TypeError(f"unknown settings {sorted(unknown)}; allowed: {sorted(self.settings)}")
-        settings = {**self.settings, "k": None, **changes}
-        settings["k"] = validate_settings(**settings)
-        for name, value in settings.items():
-            setattr(self, name, value)
+        carried = applicable_settings({**self.settings, "k": None, **changes})
+        self._apply_settings(validate_settings(**{**carried, **changes}))
         self.lookbehind_state.clear()
         self._init_run_state()
 

@@ -1,5 +1,11 @@
 """Validation of a Lookbehind setup: every bad value fails at construction time with a message
-that says what was wrong and what is allowed."""
+that says what was wrong and what is allowed.
+
+A setting left at ``None`` is "not given" and takes its default where the method reads it. A
+value other than the default, given for a method that does not read it (``alpha`` for ``sam``,
+``asam_eta`` for SAM's ascent, ``adaptive_scope`` with a static alpha, ``rho`` without a
+perturbation), is refused, so that no value is silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +16,31 @@ from .batchnorm import BATCHNORM_UPDATES
 from .perturbation import PERTURBATIONS
 
 METHODS = ("lookbehind", "sam", "multistep", "multistep_avg", "lookahead")
+# Methods with a slow-weight step ``S <- S + alpha (F_k - S)``.
+ALPHA_METHODS = ("lookbehind", "lookahead")
+DEFAULT_ALPHA = 0.5
+DEFAULT_RHO = 0.05
+DEFAULT_ASAM_ETA = 0.01
+DEFAULT_ADAPTIVE_SCOPE = "per_tensor"
 
 
-def _check_fraction(alpha: float | str, method: str) -> None:
-    if alpha == "adaptive":
-        if method != "lookbehind":
-            raise ValueError(f"alpha='adaptive' is defined for method='lookbehind', not {method!r}")
-        return
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in (0, 1] or 'adaptive', got {alpha!r}")
+def parse_alpha(value: float | str | None) -> float | str | None:
+    """The one rule for alpha, in the engine and on the command line: ``None`` (not given),
+    ``"adaptive"`` in any letter case (eq. 7-8), or a number in (0, 1] (a number, or its text)."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip().lower() == "adaptive":
+        return "adaptive"
+    message = f"alpha must be a number in (0, 1] or 'adaptive', got {value!r}"
+    if isinstance(value, bool):
+        raise ValueError(message)
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(message) from None
+    if not 0.0 < alpha <= 1.0:
+        raise ValueError(message)
+    return alpha
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -26,31 +48,58 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _check_nonnegative(name: str, value: Any) -> None:
+def _check_nonnegative(name: str, value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not 0.0 <= value < float("inf")
     ):
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _refuse_unread(name: str, value: Any, default: Any, reason: str) -> None:
+    """A value other than the default, given where it is not read, is refused: the user meant
+    something that would not happen. The default itself changes nothing and passes."""
+    if value is not None and value != default:
+        raise ValueError(f"{name}={value!r} has no effect: {reason}; leave it unset")
+
+
+def applicable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every entry that its method, perturbation and alpha do not read set to
+    ``None``: what carries over when :meth:`Lookbehind.reconfigure` changes the method."""
+    kept = dict(settings)
+    method, perturbation = kept.get("method"), kept.get("perturbation", "sam")
+    if method not in ALPHA_METHODS:
+        kept["alpha"] = None
+    if method == "lookahead" and perturbation == "none":
+        kept["rho"] = None
+    if perturbation != "asam":
+        kept["asam_eta"] = None
+    if parse_alpha(kept.get("alpha")) != "adaptive":
+        kept["adaptive_scope"] = None
+    return kept
 
 
 def validate_settings(
     *,
     method: str,
-    k: int | None,
-    alpha: float | str,
-    rho: float,
-    perturbation: str,
-    asam_eta: float,
-    adaptive_scope: str,
-    minibatch_switching: bool,
-    batchnorm_update: str,
+    k: int | None = None,
+    alpha: float | str | None = None,
+    rho: float | None = None,
+    perturbation: str = "sam",
+    asam_eta: float | None = None,
+    adaptive_scope: str | None = None,
+    minibatch_switching: bool = False,
+    batchnorm_update: str | None = None,
     max_grad_norm: float | None = None,
     micro_batch_ascent: bool = False,
-) -> int:
+) -> dict[str, Any]:
     """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
-    Returns ``k`` with its default filled in (2, or 1 for sam)."""
+
+    Returns every setting with its default filled in where the method reads it (k: 2, or 1 for
+    sam; alpha 0.5; rho 0.05; asam_eta 0.01; adaptive_scope per_tensor) and ``None`` where it
+    does not."""
     _check_choice("method", method, METHODS)
     if k is None:
         k = 1 if method == "sam" else 2
@@ -58,14 +107,48 @@ def validate_settings(
         raise ValueError(f"k must be an integer >= 1, got {k!r}")
     if method == "sam" and k != 1:
         raise ValueError(f"method='sam' takes k=1, got k={k}; use method='multistep'")
-    _check_fraction(alpha, method)
-    _check_nonnegative("rho", rho)
-    _check_nonnegative("asam_eta", asam_eta)
+
+    # Every given value is checked first, whatever the method; then whether the method reads it.
+    alpha = parse_alpha(alpha)
     _check_choice("perturbation", perturbation, PERTURBATIONS)
+    if rho is not None:
+        rho = _check_nonnegative("rho", rho)
+    if asam_eta is not None:
+        asam_eta = _check_nonnegative("asam_eta", asam_eta)
+    if adaptive_scope is not None:
+        _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
+
+    if method in ALPHA_METHODS:
+        alpha = DEFAULT_ALPHA if alpha is None else alpha
+    else:
+        _refuse_unread("alpha", alpha, DEFAULT_ALPHA, f"method={method!r} has no slow-weight step")
+        alpha = None
+    if alpha == "adaptive" and method != "lookbehind":
+        raise ValueError(f"alpha='adaptive' is defined for method='lookbehind', not {method!r}")
     if perturbation == "none" and method != "lookahead":
         raise ValueError(f"perturbation='none' is for method='lookahead', not {method!r}")
-    _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
-    _check_choice("batchnorm_update", batchnorm_update, BATCHNORM_UPDATES)
+    if perturbation == "none":
+        _refuse_unread("rho", rho, DEFAULT_RHO, "perturbation='none' takes no ascent step")
+        rho = None
+    elif rho is None:
+        rho = DEFAULT_RHO
+    if perturbation == "asam":
+        asam_eta = DEFAULT_ASAM_ETA if asam_eta is None else asam_eta
+    else:
+        _refuse_unread(
+            "asam_eta", asam_eta, DEFAULT_ASAM_ETA, f"perturbation={perturbation!r} is not ASAM"
+        )
+        asam_eta = None
+    if alpha == "adaptive":
+        adaptive_scope = DEFAULT_ADAPTIVE_SCOPE if adaptive_scope is None else adaptive_scope
+    else:
+        _refuse_unread(
+            "adaptive_scope", adaptive_scope, DEFAULT_ADAPTIVE_SCOPE, "alpha is not 'adaptive'"
+        )
+        adaptive_scope = None
+
+    if batchnorm_update is not None:
+        _check_choice("batchnorm_update", batchnorm_update, BATCHNORM_UPDATES)
     if minibatch_switching and method != "lookbehind":
         raise ValueError(
             f"minibatch_switching is a lookbehind mode; method={method!r} has no such mode "
@@ -78,7 +161,19 @@ def validate_settings(
             + (" with minibatch_switching" if minibatch_switching else "")
         )
     if max_grad_norm is not None:
-        _check_nonnegative("max_grad_norm", max_grad_norm)
+        max_grad_norm = _check_nonnegative("max_grad_norm", max_grad_norm)
         if max_grad_norm == 0:
             raise ValueError("max_grad_norm must be > 0, or None for no clipping")
-    return k
+    return {
+        "method": method,
+        "k": k,
+        "alpha": alpha,
+        "rho": rho,
+        "perturbation": perturbation,
+        "asam_eta": asam_eta,
+        "adaptive_scope": adaptive_scope,
+        "minibatch_switching": bool(minibatch_switching),
+        "batchnorm_update": batchnorm_update,
+        "max_grad_norm": max_grad_norm,
+        "micro_batch_ascent": bool(micro_batch_ascent),
+    }

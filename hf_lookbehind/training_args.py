@@ -11,7 +11,7 @@ from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
 from .method_window import PHASE_KEYS, MethodWindow
 from .perturbation import PERTURBATIONS
-from .settings import METHODS, validate_settings
+from .settings import METHODS, applicable_settings, parse_alpha, validate_settings
 
 TRAINER_METHODS = (*METHODS, "none")
 UNSUPPORTED_SHARDING = (
@@ -42,23 +42,6 @@ def check_sharding(
         )
     if fp16:
         raise ValueError("fp16 loss scaling is not supported under FSDP2; use --bf16")
-
-
-def parse_alpha(value: str | float) -> float | str:
-    """``"adaptive"`` or a number in (0, 1] (a string from the command line, or a float)."""
-    if isinstance(value, str) and value.strip().lower() == "adaptive":
-        return "adaptive"
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"lookbehind_alpha must be a number in (0, 1] or 'adaptive', got {value!r}"
-        ) from None
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(
-            f"lookbehind_alpha must be a number in (0, 1] or 'adaptive', got {value!r}"
-        )
-    return alpha
 
 
 @dataclass
@@ -161,11 +144,11 @@ class LookbehindTrainingArguments(TrainingArguments):
             "choices": list(BASELINE_METHODS),
         },
     )
-    batchnorm_update: str = field(
-        default="first_pass",
+    batchnorm_update: str | None = field(
+        default=None,
         metadata={
-            "help": "Which passes update BatchNorm running statistics: first_pass (the pass at the "
-            "unperturbed weights) or every_pass (the public code).",
+            "help": "Which passes update BatchNorm running statistics: first_pass (the default: "
+            "the pass at the unperturbed weights) or every_pass (the public code).",
             "choices": list(BATCHNORM_UPDATES),
         },
     )
@@ -208,15 +191,16 @@ class LookbehindTrainingArguments(TrainingArguments):
                 f"{', '.join(BASELINE_METHODS)}"
             )
         inside = self.lookbehind_kwargs()
-        inside["k"] = validate_settings(**inside)
-        outside = {
-            **inside,
-            "method": self.baseline_method,
-            "k": None if self.baseline_method == "sam" else self.lookbehind_k,
-            "alpha": 1.0,  # not read by the baselines
-            "minibatch_switching": False,
-        }
-        outside["k"] = validate_settings(**outside)
+        inside = validate_settings(**inside)
+        outside = applicable_settings(
+            {
+                **inside,
+                "method": self.baseline_method,
+                "k": None if self.baseline_method == "sam" else self.lookbehind_k,
+                "minibatch_switching": False,
+            }
+        )
+        outside = validate_settings(**outside)
         return MethodWindow(
             start_epoch=float(self.lookbehind_start_epoch),
             end_epoch=None

@@ -47,6 +47,7 @@ from transformers import (
 )
 
 from hf_lookbehind import LookbehindTrainingArguments
+from hf_lookbehind.settings import ALPHA_METHODS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -248,10 +249,17 @@ class ImageNetDataArguments(DataArguments):
 
 
 def recipe_defaults(argv: Sequence[str] | None) -> dict[str, Any]:
-    """The defaults of the ``--recipe`` named on the command line (``vit_finetune`` if none)."""
+    """The defaults of the ``--recipe`` named on the command line (``vit_finetune`` if none),
+    without its alpha when ``--lookbehind_method`` names a method that has none (the engine
+    refuses a setting it would not read)."""
     reader = argparse.ArgumentParser(add_help=False)
     reader.add_argument("--recipe", choices=list(RECIPES), default="vit_finetune")
-    return RECIPES[reader.parse_known_args(argv)[0].recipe]
+    reader.add_argument("--lookbehind_method")
+    named = reader.parse_known_args(argv)[0]
+    defaults = dict(RECIPES[named.recipe])
+    if (named.lookbehind_method or defaults["lookbehind_method"]) not in ALPHA_METHODS:
+        defaults.pop("lookbehind_alpha")
+    return defaults
 
 
 def architecture_overrides(model_config: str | None) -> dict[str, Any]:

@@ -1,0 +1,80 @@
+"""No setting is silently ignored: values are checked whatever the method, a value the method
+would not read is refused, alpha has one parsing rule, and the engine is not wrapped twice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import closure_for, make_batches, make_model
+
+from hf_lookbehind import Lookbehind
+from hf_lookbehind.settings import parse_alpha
+
+
+def sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(method="sam", alpha=0.8), "alpha=0.8 has no effect: method='sam'"),
+        (dict(method="multistep_avg", alpha=0.3), "alpha=0.3 has no effect"),
+        (dict(alpha=0.5, adaptive_scope="global"), "adaptive_scope='global' has no effect"),
+        (dict(perturbation="sam", asam_eta=0.1), "asam_eta=0.1 has no effect"),
+        (dict(method="lookahead", perturbation="none", rho=0.1), "rho=0.1 has no effect"),
+        # A bad value is named as such, whatever the method.
+        (dict(method="lookahead", perturbation="none", rho=-1.0), "rho must be a finite number"),
+        (dict(method="sam", alpha=7), r"alpha must be a number in \(0, 1\]"),
+        (dict(perturbation="sam", asam_eta=-1.0), "asam_eta must be a finite number"),
+        (dict(alpha=0.5, adaptive_scope="layer"), "unknown adaptive_scope 'layer'"),
+        (dict(batchnorm_update="first_pass"), "batchnorm_update='first_pass' needs model="),
+    ],
+)
+def test_unread_and_bad_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Lookbehind(sgd(make_model()), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(method="sam", alpha=0.5),  # the defaults themselves change nothing and pass
+        dict(perturbation="sam", asam_eta=0.01),
+        dict(alpha=0.8, adaptive_scope="per_tensor"),
+        dict(batchnorm_update="every_pass"),  # what happens without a model anyway
+    ],
+)
+def test_defaults_given_explicitly_pass(kwargs):
+    Lookbehind(sgd(make_model()), **kwargs)
+
+
+@pytest.mark.parametrize("spelling", ["adaptive", "Adaptive", "ADAPTIVE", " adaptive "])
+def test_one_rule_for_adaptive_alpha(spelling):
+    assert parse_alpha(spelling) == "adaptive"
+    assert Lookbehind(sgd(make_model()), alpha=spelling).alpha == "adaptive"
+
+
+def test_alpha_from_text_and_number_agree():
+    assert parse_alpha("0.8") == parse_alpha(0.8) == 0.8
+    assert Lookbehind(sgd(make_model()), alpha="0.8").alpha == 0.8
+
+
+def test_an_engine_is_not_wrapped_twice():
+    inner = Lookbehind(sgd(make_model()))
+    with pytest.raises(TypeError, match="already a Lookbehind engine"):
+        Lookbehind(inner)
+
+
+def test_reconfigure_to_a_method_without_alpha_and_back():
+    """Switching Lookbehind (alpha 0.8) -> SAM drops alpha; SAM -> Lookbehind takes the alpha
+    given, and an alpha given for SAM is refused there too."""
+    model = make_model()
+    engine = Lookbehind(sgd(model), alpha=0.8, adaptive_scope=None)
+    engine.reconfigure(method="sam")
+    assert (engine.k, engine.alpha) == (1, None)
+    engine.step(closure_for(model, make_batches(1)[0]))
+    with pytest.raises(ValueError, match="alpha=0.3 has no effect"):
+        engine.reconfigure(method="multistep", alpha=0.3)
+    engine.reconfigure(method="lookbehind", alpha="adaptive")
+    assert (engine.alpha, engine.adaptive_scope) == ("adaptive", "per_tensor")
