@@ -74,7 +74,7 @@ def test_reconfigure_to_a_method_without_alpha_and_back():
     engine.reconfigure(method="sam")
     assert (engine.k, engine.alpha) == (1, None)
     engine.step(closure_for(model, make_batches(1)[0]))
-    with pytest.raises(ValueError, match="alpha=0.3 has no effect"):
+    with pytest.raises(ValueError, match=r"alpha=0\.3 has no effect"):
         engine.reconfigure(method="multistep", alpha=0.3)
     engine.reconfigure(method="lookbehind", alpha="adaptive")
     assert (engine.alpha, engine.adaptive_scope) == ("adaptive", "per_tensor")
