@@ -4,14 +4,19 @@ real CIFAR-10 images."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torch import nn
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
 
@@ -20,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image
 
 from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images, random_crop_flip
 from cifar_models import CIFAR_MODELS, create_cifar_model
-from image_classification_utils import ImageClassifier, load_image_splits
-from run_cifar import CifarDataArguments, cifar_dataset, main
+from image_classification_utils import ImageClassifier, load_image_splits, top_k_accuracy
+from label_noise import NoisyLabelMonitor, symmetric_label_noise
+from run_cifar import CifarDataArguments, cifar_dataset, load_cifar_data, main
 from safetensors.torch import load_file
 from two_processes import run_two_processes
 
@@ -242,3 +248,173 @@ def test_two_process_run_shards_and_saves_the_evaluated_model(shared_data, tmp_p
     assert len(labels) == 64
     assert results["eval_accuracy"] == pytest.approx((logits.argmax(-1) == labels).double().mean())
     assert results["eval_loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
+def test_symmetric_noise_corrupts_exactly_the_fraction_with_uniform_other_classes():
+    labels = torch.arange(9000) % 10
+    noisy, corrupted = symmetric_label_noise(labels, 0.3, 10, seed=0)
+    assert len(corrupted) == len(set(corrupted.tolist())) == 2700
+    assert torch.equal((noisy != labels).nonzero().flatten(), corrupted)  # the rest are kept
+    assert noisy.min() >= 0 and noisy.max() <= 9
+    # the wrong class is uniform over the 9 others: each offset (noisy - true) mod 10 in 1..9
+    # within 5 binomial standard deviations of 2700 / 9
+    offsets = torch.bincount((noisy[corrupted] - labels[corrupted]) % 10, minlength=10)
+    assert offsets[0] == 0
+    tolerance = 5 * math.sqrt(2700 * (1 / 9) * (8 / 9))
+    assert (offsets[1:] - 300).abs().max() < tolerance, offsets
+    # every class is corrupted alike: 30 % of its 900 examples, within 5 standard deviations
+    per_class = torch.bincount(labels[corrupted], minlength=10)
+    assert (per_class - 270).abs().max() < 5 * math.sqrt(900 * 0.3 * 0.7), per_class
+
+
+def test_label_noise_is_fixed_by_its_seed():
+    labels = torch.randint(0, 10, (500,), generator=torch.Generator().manual_seed(0))
+    first, again = (symmetric_label_noise(labels, 0.4, 10, seed=3) for _ in range(2))
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert not torch.equal(first[0], symmetric_label_noise(labels, 0.4, 10, seed=4)[0])
+    assert torch.equal(symmetric_label_noise(labels, 0.0, 10, seed=3)[0], labels)
+
+
+def _write_split(path: Path, labels: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in labels]
+    features = datasets.Features(
+        {"img": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}
+    )
+    datasets.Dataset.from_dict({"img": images, "label": labels}, features=features).to_parquet(path)
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path) -> tuple[CifarDataArguments, list[int], list[int]]:
+    """A 120-image training file and a 40-image evaluation file in the hub schema."""
+    train_labels = [(7 * i) % 10 for i in range(120)]
+    eval_labels = [(3 * i) % 10 for i in range(40)]
+    _write_split(tmp_path / "train.parquet", train_labels, seed=0)
+    _write_split(tmp_path / "test.parquet", eval_labels, seed=1)
+    args = CifarDataArguments(
+        train_path=str(tmp_path / "train.parquet"),
+        validation_path=str(tmp_path / "test.parquet"),
+        label_noise=0.25,
+        label_noise_seed=1,
+    )
+    return args, train_labels, eval_labels
+
+
+def test_label_noise_touches_training_labels_only_and_not_with_the_training_seed(tiny_cifar):
+    args, train_labels, eval_labels = tiny_cifar
+    data = load_cifar_data(args, seed=0)
+    assert len(data.corrupted) == 30  # 25 % of 120
+    changed = (data.train.labels != torch.tensor(train_labels)).nonzero().flatten()
+    assert torch.equal(changed, data.corrupted)
+    assert data.evaluation.labels.tolist() == eval_labels
+    other_training_seed = load_cifar_data(args, seed=1)
+    assert torch.equal(other_training_seed.train.labels, data.train.labels)
+    assert torch.equal(other_training_seed.corrupted, data.corrupted)
+    other_noise = load_cifar_data(dataclasses.replace(args, label_noise_seed=2), seed=0)
+    assert not torch.equal(other_noise.corrupted, data.corrupted)
+    clean = load_cifar_data(dataclasses.replace(args, label_noise=0.0), seed=0)
+    assert clean.train.labels.tolist() == train_labels and len(clean.corrupted) == 0
+
+
+@pytest.mark.parametrize("fraction", ["1.0", "1.5", "-0.1", "nan"])
+def test_bad_label_noise_is_refused_before_any_work(tmp_path, fraction):
+    """The paths do not exist: the fraction is refused before the data is looked for."""
+    flags = ["--train_path", str(tmp_path / "none.parquet"),
+             "--validation_path", str(tmp_path / "none.parquet"),
+             "--label_noise", fraction, "--output_dir", str(tmp_path)]  # fmt: skip
+    with pytest.raises(ValueError, match=r"--label_noise is the fraction .* in \[0, 1\)"):
+        main(flags)
+
+
+def test_noisy_run_logs_the_noise_fitted_by_the_model(shared_data, tmp_path):
+    """``noise_fitted`` and ``clean_train_accuracy`` of the final evaluation against the saved
+    model's predictions on the unaugmented training images, computed here."""
+    results = _run(shared_data, tmp_path, "--label_noise", "0.5", "--label_noise_seed", "3")
+    record = json.loads((tmp_path / "label_noise.json").read_text())
+    assert record["label_noise"] == 0.5 and record["label_noise_seed"] == 3
+    assert record["train_examples"] == 48 and record["corrupted_examples"] == 24
+
+    cifar = shared_data / "cifar10"
+    data_args = CifarDataArguments(
+        train_path=str(cifar / "train.parquet"),
+        validation_path=str(cifar / "test.parquet"),
+        max_train_samples=48,
+        max_eval_samples=32,
+        label_noise=0.5,
+        label_noise_seed=3,
+    )
+    split = load_image_splits(data_args, seed=0)[0]
+    true_labels = torch.tensor(split["label"])
+    data = load_cifar_data(data_args, seed=0)
+    corrupted = data.corrupted
+    assert corrupted.tolist() == record["corrupted_indices"]
+    kept = torch.ones(48, dtype=torch.bool)
+    kept[corrupted] = False
+    assert (data.train.labels[corrupted] != true_labels[corrupted]).all()
+
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATIONS["cifar10"])
+    pixels = (decode_images(split, "img").float() / 255 - mean) / std
+    model = ImageClassifier(create_cifar_model("resnet20", num_classes=10))
+    model.load_state_dict(load_file(tmp_path / "model.safetensors"))
+    with torch.no_grad():
+        predicted = model.eval()(pixels)["logits"].argmax(-1)
+    noise_fitted = (predicted[corrupted] == data.train.labels[corrupted]).double().mean()
+    clean_accuracy = (predicted[kept] == true_labels[kept]).double().mean()
+    assert results["noise_fitted"] == pytest.approx(noise_fitted.item())
+    assert results["clean_train_accuracy"] == pytest.approx(clean_accuracy.item())
+
+    history = json.loads((tmp_path / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "noise_fitted" in entry]
+    assert len(logged) == 3  # one per epoch's evaluation (the final one is saved, not logged)
+    assert all(0.0 <= entry["clean_train_accuracy"] <= 1.0 for entry in logged)
+
+
+class BrightnessClassifier(nn.Module):
+    """Predicts class c for an image whose top-left pixel is 20 c (red channel, before the
+    CIFAR-10 normalisation): a model whose predictions the test chooses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor) -> dict:
+        mean, std = NORMALIZATIONS["cifar10"]
+        value = (pixel_values[:, 0, 0, 0] * std[0] + mean[0]) * 255
+        logits = 10.0 * F.one_hot((value / 20).round().long(), 10).float() + self.unused
+        return {"loss": F.cross_entropy(logits, labels), "logits": logits}
+
+
+def test_noise_fitted_is_the_share_of_corrupted_examples_predicted_with_their_noisy_label(
+    tmp_path,
+):
+    generator = torch.Generator().manual_seed(0)
+    true_labels = torch.randint(0, 10, (90,), generator=generator)
+    noisy, corrupted = symmetric_label_noise(true_labels, 0.4, 10, seed=5)
+    # predictions: the noisy label for every third example, the true one for every third, a
+    # random class for the rest
+    predicted = torch.randint(0, 10, (90,), generator=generator)
+    predicted[::3], predicted[1::3] = noisy[::3], true_labels[1::3]
+    images = (20 * predicted).to(torch.uint8).view(90, 1, 1, 1).expand(90, 3, 8, 8).contiguous()
+    train_set = CifarTensorDataset(images, noisy, NORMALIZATIONS["cifar10"], augment=True)
+    kept = torch.ones(90, dtype=torch.bool)
+    kept[corrupted] = False
+    expected = {
+        "noise_fitted": (predicted[corrupted] == noisy[corrupted]).double().mean().item(),
+        "clean_train_accuracy": (predicted[kept] == true_labels[kept]).double().mean().item(),
+    }
+    assert 0.2 < expected["noise_fitted"] < 0.8 and 0.2 < expected["clean_train_accuracy"] < 0.8
+
+    args = LookbehindTrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=16, report_to="none", use_cpu=True
+    )
+    trainer = LookbehindTrainer(
+        model=BrightnessClassifier(),
+        args=args,
+        eval_dataset=train_set.without_augmentation(),
+        compute_metrics=top_k_accuracy(),
+    )
+    trainer.add_callback(NoisyLabelMonitor(trainer, train_set, corrupted))
+    metrics = trainer.evaluate()
+    for name, value in expected.items():
+        assert metrics[name] == pytest.approx(value)
+        assert trainer.state.log_history[-1][name] == pytest.approx(value)

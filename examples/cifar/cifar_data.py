@@ -69,6 +69,12 @@ class CifarTensorDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def without_augmentation(self) -> CifarTensorDataset:
+        """The same images and labels (shared, not copied), served without augmentation."""
+        return CifarTensorDataset(
+            self.images, self.labels, (self.mean, self.std), augment=False, padding=self.padding
+        )
+
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         images = self.images[indices]
         if self.augment:

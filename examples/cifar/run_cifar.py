@@ -5,6 +5,8 @@ SGD (lr 0.1, momentum 0.9, weight decay 5e-4) with the learning rate multiplied 
 50/100/150, random crop (padding 4) and horizontal flip, per-dataset normalisation, and an
 evaluation of the slow weights after every epoch. ``--lr_schedule trainer
 --lr_scheduler_type cosine --label_smoothing_factor 0.1`` gives the ASAM-style setup of Table 8.
+``--label_noise 0.4`` trains on symmetric noisy labels and logs how much of the noise the model
+fits at every evaluation (``label_noise.py``).
 
     accelerate launch examples/cifar/run_cifar.py --model_name resnet34 \\
         --dataset_name uoft-cs/cifar10 --lookbehind_method lookbehind --rho 0.05 \\
@@ -13,6 +15,7 @@ evaluation of the slow weights after every epoch. ``--lr_schedule trainer
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from hf_lookbehind import LookbehindTrainingArguments
 
@@ -41,6 +44,7 @@ from image_classification_utils import (
     track_best_accuracy,
     train_and_evaluate,
 )
+from label_noise import NoisyLabelMonitor, check_noise_fraction, symmetric_label_noise
 
 # The paper's training setup; every entry can be overridden on the command line.
 PAPER_DEFAULTS = {
@@ -89,6 +93,24 @@ class CifarDataArguments(DataArguments):
         },
     )
     crop_padding: int = field(default=4, metadata={"help": "Zero padding of the random crop."})
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Fraction in [0, 1) of the training labels replaced by a different class "
+            "drawn uniformly (symmetric noise; evaluation labels stay clean). Every evaluation "
+            "then also logs noise_fitted (share of the corrupted training examples predicted "
+            "with their noisy label) and clean_train_accuracy, without augmentation. With "
+            "--max_train_samples the subset is drawn with --seed: to vary only the training "
+            "seed, train on a fixed subset file (scripts/cifar_subset.py)."
+        },
+    )
+    label_noise_seed: int = field(
+        default=0, metadata={"help": "Seed of the label noise, independent of --seed."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_noise_fraction(self.label_noise)
 
 
 def cifar_dataset(
@@ -115,25 +137,86 @@ def argument_parser() -> HfArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    parser = argument_parser()
-    model_args, data_args, lr_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+RecipeArguments = tuple[
+    ModelArguments, CifarDataArguments, LearningRateArguments, LookbehindTrainingArguments
+]
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> RecipeArguments:
+    """The command line as the recipe's dataclasses, checked and with the learning rate
+    scaled: every setting that would fail later fails here, before any data loads."""
+    model_args, data_args, lr_args, training_args = argument_parser().parse_args_into_dataclasses(
+        args=argv
+    )
     scale_learning_rate(training_args, lr_args)
-    set_seed(training_args.seed)
     track_best_accuracy(training_args)
+    return model_args, data_args, lr_args, training_args
 
-    train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
+
+@dataclass
+class CifarData:
+    """What a run trains and evaluates on: ``train`` holds the labels as trained on (noisy at
+    ``corrupted``, the indices of the corrupted examples; empty without label noise)."""
+
+    train: CifarTensorDataset
+    evaluation: CifarTensorDataset
+    classes: int
+    corrupted: torch.Tensor
+
+
+def load_cifar_data(data_args: CifarDataArguments, seed: int) -> CifarData:
+    """The decoded splits (``seed`` draws the ``--max_*_samples`` subsets) and the label noise
+    (drawn with ``--label_noise_seed`` alone)."""
+    train_split, eval_split = load_image_splits(data_args, seed=seed)
     classes = num_classes(train_split, image_and_label_columns(train_split, data_args)[1])
-    model = ImageClassifier(create_cifar_model(model_args.model_name, classes))
+    train = cifar_dataset(train_split, data_args, classes, augment=True)
+    train.labels, corrupted = symmetric_label_noise(
+        train.labels, data_args.label_noise, classes, data_args.label_noise_seed
+    )
+    evaluation = cifar_dataset(eval_split, data_args, classes, augment=False)
+    return CifarData(train, evaluation, classes, corrupted)
 
-    trainer_kwargs = {
-        "model": model,
-        "args": training_args,
-        "train_dataset": cifar_dataset(train_split, data_args, classes, augment=True),
-        "eval_dataset": cifar_dataset(eval_split, data_args, classes, augment=False),
-        "compute_metrics": top_k_accuracy(),
+
+def write_label_noise_record(data_args: CifarDataArguments, data: CifarData, path: Path) -> None:
+    """The noise a run trained with: fraction, seed and the corrupted training examples."""
+    record = {
+        "label_noise": data_args.label_noise,
+        "label_noise_seed": data_args.label_noise_seed,
+        "train_examples": len(data.train),
+        "corrupted_examples": len(data.corrupted),
+        "corrupted_indices": data.corrupted.tolist(),
     }
-    return train_and_evaluate(create_trainer(lr_args, **trainer_kwargs), training_args)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record) + "\n")
+
+
+def train_cifar(
+    args: RecipeArguments, data: CifarData, callbacks: Sequence[TrainerCallback] = ()
+) -> dict[str, float]:
+    """Train and evaluate one model on ``data``; the metrics of ``all_results.json``."""
+    model_args, data_args, lr_args, training_args = args
+    set_seed(training_args.seed)
+    model = ImageClassifier(create_cifar_model(model_args.model_name, data.classes))
+    trainer = create_trainer(
+        lr_args,
+        model=model,
+        args=training_args,
+        train_dataset=data.train,
+        eval_dataset=data.evaluation,
+        compute_metrics=top_k_accuracy(),
+        callbacks=list(callbacks),
+    )
+    if len(data.corrupted):
+        trainer.add_callback(NoisyLabelMonitor(trainer, data.train, data.corrupted))
+        if trainer.is_world_process_zero():
+            output = Path(training_args.output_dir) / "label_noise.json"
+            write_label_noise_record(data_args, data, output)
+    return train_and_evaluate(trainer, training_args)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    args = parse_arguments(argv)
+    return train_cifar(args, load_cifar_data(args[1], seed=args[3].seed))
 
 
 if __name__ == "__main__":
