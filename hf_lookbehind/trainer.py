@@ -29,14 +29,28 @@ its own shard of the engine's state. FSDP1 and DeepSpeed are refused.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import pickle
+import re
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import Trainer
-from transformers.trainer import SCHEDULER_NAME
+from transformers import Trainer, TrainerState
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
 from .method_window import MethodWindow
 from .multi_tensor import global_norm, zero_nonfinite_
@@ -45,6 +59,8 @@ from .training_args import LookbehindTrainingArguments, check_sharding
 
 LOCAL_GRAD = "lookbehind_local_grad"
 OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
+
+logger = logging.getLogger(__name__)
 
 
 class _TrainerLookbehind(Lookbehind):
@@ -152,6 +168,134 @@ def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
             if params:
                 groups.append({**group, "params": params, "asam_scale": scaled})
     optimizer.param_groups = groups
+
+
+# ------------------------------------------------------------------------- checkpoint files
+CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# The model files the Trainer resumes from, in the order it looks for them.
+MODEL_FILES = (
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    WEIGHTS_INDEX_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+)
+# What torch.load and safetensors raise for a truncated or corrupt file.
+UNREADABLE = (OSError, EOFError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+LOOKBEHIND_PREFIX = "lookbehind_"
+ASAM_SCALE = "asam_scale"
+
+
+def corrupt_file_error(path: str, error: BaseException) -> ValueError:
+    return ValueError(
+        f"{path} is truncated or corrupt ({type(error).__name__}: {error}); restore it from a "
+        "copy, or resume from an earlier checkpoint"
+    )
+
+
+def load_checkpoint_file(path: str, map_location: str | torch.device | None = None) -> Any:
+    """``torch.load`` of a checkpoint file; a truncated or corrupt file is named as such."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except UNREADABLE as error:
+        raise corrupt_file_error(path, error) from error
+
+
+def read_trainer_state(folder: str) -> TrainerState:
+    """The checkpoint's ``trainer_state.json``, which the Trainer writes last: without it (or
+    with a truncated one) the saving of the checkpoint did not finish."""
+    path = os.path.join(folder, TRAINER_STATE_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: the Trainer writes it last, so the saving of this checkpoint "
+            "did not finish; resume from an earlier checkpoint (resume_from_checkpoint=True "
+            "takes the newest complete one)"
+        )
+    try:
+        return TrainerState.load_from_json(path)
+    except (ValueError, TypeError) as error:
+        raise corrupt_file_error(path, error) from error
+
+
+def check_model_file(folder: str) -> None:
+    """The checkpoint has a model file, and a single-file one is complete."""
+    found = [os.path.join(folder, name) for name in MODEL_FILES]
+    found = [path for path in found if os.path.isfile(path)]
+    if not found:
+        raise FileNotFoundError(
+            f"{os.path.join(folder, SAFE_WEIGHTS_NAME)} is missing (nor is there any other model "
+            f"file: {', '.join(MODEL_FILES[1:])}): the checkpoint holds no weights; resume from "
+            "an earlier checkpoint"
+        )
+    path = found[0]
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt"):
+                pass
+        elif path.endswith(".bin"):
+            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except UNREADABLE as error:
+        raise corrupt_file_error(path, error) from error
+
+
+def check_checkpoint(folder: str, *, model_file: bool) -> None:
+    """Refuse, before any work, a checkpoint the Trainer cannot resume: no folder, no readable
+    ``trainer_state.json``, or (``model_file``: outside FSDP) no readable model file."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"checkpoint folder {folder} not found")
+    read_trainer_state(folder)
+    if model_file:
+        check_model_file(folder)
+
+
+def newest_complete_checkpoint(output_dir: str) -> str:
+    """The folder ``resume_from_checkpoint=True`` resumes from: the newest ``checkpoint-N`` (as
+    ``transformers.trainer_utils.get_last_checkpoint`` picks it) whose saving finished; each
+    newer folder whose saving was interrupted is skipped with a warning."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = {name: int(m.group(1)) for name in names if (m := CHECKPOINT_FOLDER.match(name))}
+    for name in sorted(steps, key=steps.get, reverse=True):
+        folder = os.path.join(output_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        try:
+            read_trainer_state(folder)
+        except (OSError, ValueError):
+            logger.warning(
+                "skipping %s: its saving was interrupted (%s is missing or unreadable); resuming "
+                "from the newest complete checkpoint before it",
+                folder,
+                TRAINER_STATE_NAME,
+            )
+            continue
+        return folder
+    raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+
+
+def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A Lookbehind state dict as the base optimizer alone would have written it: without the
+    engine's buffers and run state (``lookbehind_*``) and the groups' ``asam_scale``. Returns
+    it and the names of the dropped entries."""
+    dropped: set[str] = set()
+
+    def keep(entries: dict[str, Any]) -> dict[str, Any]:
+        ours = {key for key in entries if key.startswith(LOOKBEHIND_PREFIX) or key == ASAM_SCALE}
+        dropped.update(ours)
+        return {key: value for key, value in entries.items() if key not in ours}
+
+    stripped = {
+        **state_dict,
+        "state": {index: keep(entry) for index, entry in state_dict["state"].items()},
+        "param_groups": [keep(group) for group in state_dict["param_groups"]],
+    }
+    return stripped, sorted(dropped)
+
+
+def cycles(settings: dict[str, Any]) -> bool:
+    """Whether a setup spreads an outer step over k Trainer steps (a cycle that checkpoints
+    may cut): minibatch switching and lookahead."""
+    return settings["method"] == "lookahead" or bool(settings["minibatch_switching"])
 
 
 class LookbehindTrainer(Trainer):
@@ -303,7 +447,7 @@ class LookbehindTrainer(Trainer):
 
         return closure
 
-    # --------------------------------------------------------------- FSDP2 checkpoints
+    # -------------------------------------------------------------------------- checkpoints
     @property
     def saves_optimizer_shards(self) -> bool:
         """Under FSDP2 every process saves and loads its own shard of the engine's state (base
@@ -313,36 +457,126 @@ class LookbehindTrainer(Trainer):
         the engine does not run, so it cannot load the base optimizer's state or the buffers."""
         return self.is_fsdp_enabled and self.lookbehind is not None
 
-    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.saves_optimizer_shards:
-            shard = OPTIMIZER_SHARD.format(rank=self.args.process_index)
-            torch.save(self.lookbehind.state_dict(), os.path.join(output_dir, shard))
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
+        """The Trainer's ``train()``. ``resume_from_checkpoint=True`` takes the newest
+        checkpoint whose saving finished; a checkpoint is checked before any work (see
+        :func:`check_checkpoint`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint(str(resume_from_checkpoint), model_file=not self.is_fsdp_enabled)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
-    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        if checkpoint is None or not self.saves_optimizer_shards:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        shard = os.path.join(checkpoint, OPTIMIZER_SHARD.format(rank=self.args.process_index))
-        if not os.path.isfile(shard):
+    def _optimizer_file(self, checkpoint: str) -> str:
+        if self.saves_optimizer_shards:
+            return os.path.join(checkpoint, OPTIMIZER_SHARD.format(rank=self.args.process_index))
+        return os.path.join(checkpoint, OPTIMIZER_NAME)
+
+    def _read_optimizer_state(self, path: str) -> dict[str, Any] | None:
+        """The optimizer state in ``path``; None if the file is missing and nothing but the base
+        optimizer's state is lost without it (no Lookbehind cycle was open)."""
+        if os.path.isfile(path):
+            if self.saves_optimizer_shards:
+                return load_checkpoint_file(path)
+            on_device = self.args.world_size > 1 and self.args.device.type != "cpu"
+            return load_checkpoint_file(path, self.args.device if on_device else "cpu")
+        if self.saves_optimizer_shards:
             raise FileNotFoundError(
-                f"{shard} not found: a FSDP2 checkpoint of LookbehindTrainer resumes with the "
+                f"{path} not found: a FSDP2 checkpoint of LookbehindTrainer resumes with the "
                 "number of processes that wrote it (one optimizer shard per process)"
             )
-        self.lookbehind.load_state_dict(torch.load(shard, weights_only=True))
-        scheduler = torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True)
-        self.lr_scheduler.load_state_dict(scheduler)
+        self._refuse_an_open_cycle(path)
+        logger.warning(
+            "%s is missing: resuming with a new base optimizer, whose state (momentum, Adam's "
+            "moments) starts anew, as do the engine's counters (gradient_computations, "
+            "skipped_steps)",
+            path,
+        )
+        return None
 
-    def _clip_grad_norm(self, model: nn.Module):
+    def _refuse_an_open_cycle(self, optimizer_file: str) -> None:
+        """Without the optimizer file, ``global_step`` of ``trainer_state.json`` tells whether the
+        checkpoint cut a Lookbehind cycle, whose fast and perturbed weights were in that file."""
         engine = self.lookbehind
         if engine is None:
-            return super()._clip_grad_norm(model)
-        return engine.last_descent_grad_norm  # the engine clipped every descent already
+            return
+        if engine.method_window is not None and cycles(engine.method_window.inside):
+            raise ValueError(
+                f"{optimizer_file} is missing, and with --lookbehind_start_epoch/"
+                "--lookbehind_end_epoch the step count does not tell whether the checkpoint "
+                "cut a Lookbehind cycle; restore the file, or resume from an earlier checkpoint"
+            )
+        step = self.state.global_step
+        position = step % engine.k if cycles(engine.settings) else 0
+        if position:
+            raise ValueError(
+                f"{optimizer_file} is missing, but the checkpoint (global_step {step} in "
+                f"{TRAINER_STATE_NAME}) is {position} of {engine.k} inner steps into a Lookbehind "
+                "cycle, whose fast and perturbed weights were in that file; restore it, or resume "
+                f"from a checkpoint at a cycle boundary (a global_step that is a multiple of "
+                f"{engine.k})"
+            )
 
-    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
-        engine = self.lookbehind
-        if engine is None:
-            return super()._get_grad_norm(model, grad_norm)
-        return engine.last_descent_grad_norm
+    def _load_scheduler(self, path: str) -> None:
+        """The schedule of ``path``; without the file, the new schedule stepped once per step
+        of ``trainer_state.json``'s ``global_step`` (as the Trainer steps it)."""
+        if os.path.isfile(path):
+            self.lr_scheduler.load_state_dict(load_checkpoint_file(path))
+            return
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            raise FileNotFoundError(
+                f"{path} is missing, and a reduce-on-plateau schedule cannot be rebuilt from the "
+                "step count; restore the file, or resume from an earlier checkpoint"
+            )
+        steps = self.state.global_step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
+            for _ in range(steps):
+                self.lr_scheduler.step()
+        logger.warning(
+            "%s is missing: the learning-rate schedule was rebuilt by stepping it %d times "
+            "(global_step in %s)",
+            path,
+            steps,
+            TRAINER_STATE_NAME,
+        )
+
+    def _follow_scheduler(self) -> None:
+        """A new base optimizer starts at the learning rates of the resumed schedule."""
+        for group, lr in zip(self.optimizer.param_groups, self.lr_scheduler.get_last_lr()):
+            group["lr"] = lr
+
+    def _load_optimizer_state(self, path: str, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict`` (read from ``path``); ``--lookbehind_method none`` drops the
+        entries of a Lookbehind checkpoint (the model file holds the slow weights)."""
+        if self.lookbehind is None:
+            state_dict, dropped = without_lookbehind_entries(state_dict)
+            if dropped:
+                logger.warning(
+                    "%s was written by the Lookbehind engine; --lookbehind_method none drops "
+                    "its entries %s and keeps the base optimizer's state (the model file holds "
+                    "the slow weights)",
+                    path,
+                    ", ".join(dropped),
+                )
+        elif state_dict["param_groups"][0].get(CONFIG) is None:
+            logger.warning(
+                "%s was written without the Lookbehind engine: the engine starts its first "
+                "cycle here, with the base optimizer's state",
+                path,
+            )
+        try:
+            self.optimizer.load_state_dict(state_dict)
+        except ValueError as error:
+            raise ValueError(
+                f"{path} does not fit this run: {error}; resume with the settings it was "
+                "written with, or start a new run"
+            ) from error
 
     # ---------------------------------------------------------------------------- logging
     @property
@@ -362,6 +596,38 @@ class LookbehindTrainer(Trainer):
             logs.update(lookbehind_metrics(engine))
         logs["gradient_computations"] = self.gradient_computations
         super().log(logs, start_time)
+
+    # ------------------------------------- overrides of private Trainer methods (transformers 5.x)
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.saves_optimizer_shards:
+            torch.save(self.lookbehind.state_dict(), self._optimizer_file(output_dir))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Where the Trainer would skip a missing optimizer or scheduler file (and with it the
+        other one): refuse if the checkpoint cut a Lookbehind cycle, else load what is there and
+        say what starts anew; a truncated file is named."""
+        if checkpoint is None or (self.is_fsdp_enabled and not self.saves_optimizer_shards):
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        optimizer_file = self._optimizer_file(checkpoint)
+        state_dict = self._read_optimizer_state(optimizer_file)
+        self._load_scheduler(os.path.join(checkpoint, SCHEDULER_NAME))
+        if state_dict is None:
+            self._follow_scheduler()
+        else:
+            self._load_optimizer_state(optimizer_file, state_dict)
+
+    def _clip_grad_norm(self, model: nn.Module):
+        engine = self.lookbehind
+        if engine is None:
+            return super()._clip_grad_norm(model)
+        return engine.last_descent_grad_norm  # the engine clipped every descent already
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        engine = self.lookbehind
+        if engine is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return engine.last_descent_grad_norm
 
 
 def lookbehind_metrics(engine: Lookbehind) -> dict[str, float]:

@@ -4,9 +4,14 @@ Trainer resumed from the checkpoint, or the engine in a plain loop)."""
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_trainer import MODES, engine_kwargs, max_difference
+from torch import nn
 from trainer_harness import make_model, make_trainer, sequential_closures
 
 from hf_lookbehind import Lookbehind
@@ -52,3 +57,69 @@ def test_a_second_train_without_resuming_keeps_training_with_the_same_engine(tmp
         for closure in sequential_closures(model, 16, 5):
             engine.step(closure)
     assert max_difference(trainer.model, model) < 1e-10
+
+
+def sgd_from_checkpoint(checkpoint: Path) -> tuple[nn.Module, torch.optim.SGD]:
+    """The checkpoint's model and an SGD holding the checkpoint's momentum buffers (read from
+    the base optimizer's entries of ``optimizer.pt``, whatever else they hold)."""
+    model = make_model()
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for index, p in enumerate(model.parameters()):
+        sgd.state[p]["momentum_buffer"] = saved["state"][index]["momentum_buffer"].clone()
+    return model, sgd
+
+
+def lookbehind_keys(state_dict: dict) -> set[str]:
+    entries = [*state_dict["state"].values(), *state_dict["param_groups"]]
+    return {key for entry in entries for key in entry if key.startswith("lookbehind_")}
+
+
+def test_resuming_a_lookbehind_checkpoint_without_lookbehind_drops_its_entries(tmp_path, caplog):
+    """A switching checkpoint cut mid-cycle (3 steps, k = 2), resumed with
+    ``--lookbehind_method none``: the base optimizer continues from the slow weights of the
+    model file with its momentum, without the engine's buffers and run state."""
+    first = make_trainer(
+        tmp_path, **MODES["switching"], max_steps=3, save_strategy="steps", save_steps=3
+    )
+    first.train()
+    checkpoint = tmp_path / "checkpoint-3"
+    assert lookbehind_keys(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+
+    plain = make_trainer(tmp_path, lookbehind_method="none", max_steps=5)
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        plain.train(resume_from_checkpoint=str(checkpoint))
+    assert "lookbehind_fast" in caplog.text and "lookbehind_cycle_position" in caplog.text
+    assert not lookbehind_keys(plain.optimizer.state_dict())
+    assert all("asam_scale" not in group for group in plain.optimizer.param_groups)
+
+    model, sgd = sgd_from_checkpoint(checkpoint)
+    for closure in sequential_closures(model, 16, 2, first_step=3):
+        sgd.zero_grad()
+        closure()
+        sgd.step()
+    assert max_difference(plain.model, model) < 1e-10
+
+
+def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momentum(
+    tmp_path, caplog
+):
+    plain = make_trainer(
+        tmp_path, lookbehind_method="none", max_steps=3, save_strategy="steps", save_steps=3
+    )
+    plain.train()
+    checkpoint = tmp_path / "checkpoint-3"
+
+    resumed = make_trainer(tmp_path, **MODES["switching"], max_steps=6)
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert "written without the Lookbehind engine" in caplog.text
+    assert resumed.lookbehind.gradient_computations == 2 * 3  # two passes per switching step
+
+    model, sgd = sgd_from_checkpoint(checkpoint)
+    engine = Lookbehind(sgd, model=model, **engine_kwargs(MODES["switching"]))
+    for closure in sequential_closures(model, 16, 3, first_step=3):
+        engine.step(closure)
+    assert engine.cycle_position == resumed.lookbehind.cycle_position == 1
+    assert max_difference(resumed.model, model) < 1e-10

@@ -1,0 +1,191 @@
+"""LookbehindTrainer resumed from damaged checkpoints, in same-batch and switching mode, with and
+without BatchNorm: a file missing, truncated, or written with another setup. Either the run
+resumes exactly (as the uninterrupted run, or as the engine in a plain loop from the same state)
+or it stops before training with an error that names the file and what to change."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_trainer import engine_kwargs
+from torch import nn
+from trainer_harness import make_model, make_trainer, sequential_closures
+
+from hf_lookbehind import Lookbehind
+
+STEPS, K, LR = 6, 2, 0.1
+MODES = {
+    "same_batch": dict(lookbehind_k=K),
+    "switching": dict(lookbehind_k=K, minibatch_switching=True),
+}
+CASES = [(mode, batchnorm) for mode in MODES for batchnorm in (False, True)]
+FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "model.safetensors")
+
+
+def trainer_for(output_dir: Path, mode: str, batchnorm: bool, **overrides):
+    """A run of STEPS steps with a linear learning-rate schedule, saved after every step."""
+    settings = dict(
+        MODES[mode],
+        max_steps=STEPS,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=STEPS,
+    )
+    return make_trainer(output_dir, model=make_model(batchnorm), **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{m}-bn{int(b)}" for m, b in CASES])
+def run(request, tmp_path_factory):
+    """The uninterrupted run: its checkpoints and its final model."""
+    mode, batchnorm = request.param
+    output_dir = tmp_path_factory.mktemp(f"{mode}-{batchnorm}")
+    trainer = trainer_for(output_dir, mode, batchnorm)
+    trainer.train()
+    return mode, batchnorm, output_dir, trainer.model.state_dict()
+
+
+def copy_checkpoints(run, tmp_path: Path, *steps: int) -> Path:
+    """The run's checkpoints after ``steps`` in a new output folder; returns the folder."""
+    _, _, source, _ = run
+    output_dir = tmp_path / "run"
+    for step in steps:
+        shutil.copytree(source / f"checkpoint-{step}", output_dir / f"checkpoint-{step}")
+    return output_dir
+
+
+def resume(run, output_dir: Path, checkpoint: str | bool, **overrides) -> nn.Module:
+    mode, batchnorm, _, _ = run
+    trainer = trainer_for(output_dir, mode, batchnorm, **overrides)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    return trainer.model
+
+
+def assert_same_state(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    """Parameters and BatchNorm statistics, bit for bit."""
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def continued_with_a_fresh_optimizer(run, checkpoint: Path, first_step: int) -> nn.Module:
+    """The rest of the run as a plain loop from the checkpoint's model, with a new base
+    optimizer (no momentum) on the Trainer's linear schedule and data order."""
+    mode, batchnorm, _, _ = run
+    model = make_model(batchnorm)
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    engine = Lookbehind(base, model=model, **engine_kwargs(MODES[mode]))
+    closures = sequential_closures(model, 16, STEPS - first_step, first_step)
+    for step, closure in enumerate(closures, start=first_step):
+        for group in base.param_groups:
+            group["lr"] = LR * (STEPS - step) / STEPS
+        engine.step(closure)
+    return model
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_an_intact_checkpoint_resumes_exactly(run, tmp_path, step):
+    output_dir = copy_checkpoints(run, tmp_path, step)
+    assert_same_state(resume(run, output_dir, str(output_dir / f"checkpoint-{step}")), run[3])
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_missing_optimizer_file_refuses_an_open_cycle_and_warns_otherwise(
+    run, tmp_path, caplog, step
+):
+    mode = run[0]
+    output_dir = copy_checkpoints(run, tmp_path, step)
+    checkpoint = output_dir / f"checkpoint-{step}"
+    (checkpoint / "optimizer.pt").unlink()
+    if mode == "switching" and step % K:
+        with pytest.raises(ValueError, match=r"optimizer\.pt is missing.*1 of 2 inner steps"):
+            resume(run, output_dir, str(checkpoint))
+        return
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        model = resume(run, output_dir, str(checkpoint))
+    assert "optimizer.pt is missing" in caplog.text and "momentum" in caplog.text
+    expected = continued_with_a_fresh_optimizer(run, checkpoint, step)
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert (a - b).abs().max().item() < 1e-10
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), run[3].values()))
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_missing_scheduler_file_rebuilds_the_schedule_from_the_step_count(
+    run, tmp_path, caplog, step
+):
+    output_dir = copy_checkpoints(run, tmp_path, step)
+    (output_dir / f"checkpoint-{step}" / "scheduler.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        model = resume(run, output_dir, str(output_dir / f"checkpoint-{step}"))
+    assert "scheduler.pt is missing" in caplog.text
+    assert_same_state(model, run[3])
+
+
+def test_an_interrupted_checkpoint_is_skipped_for_the_newest_complete_one(run, tmp_path, caplog):
+    """A kill while the Trainer saved checkpoint-3 leaves it without trainer_state.json (written
+    last): resume_from_checkpoint=True resumes from checkpoint-2 and says so."""
+    output_dir = copy_checkpoints(run, tmp_path, 2, 3)
+    (output_dir / "checkpoint-3" / "trainer_state.json").unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        model = resume(run, output_dir, True)
+    assert "checkpoint-3" in caplog.text and "trainer_state.json" in caplog.text
+    assert_same_state(model, run[3])
+
+
+def test_a_truncated_trainer_state_counts_as_an_interrupted_checkpoint(run, tmp_path, caplog):
+    output_dir = copy_checkpoints(run, tmp_path, 2, 3)
+    truncate(output_dir / "checkpoint-3" / "trainer_state.json")
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        model = resume(run, output_dir, True)
+    assert "checkpoint-3" in caplog.text
+    assert_same_state(model, run[3])
+
+
+@pytest.mark.parametrize("name", ["trainer_state.json", "model.safetensors"])
+def test_a_checkpoint_without_its_state_or_model_is_refused_by_name(run, tmp_path, name):
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    (output_dir / "checkpoint-3" / name).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"checkpoint-3/{name} is missing.*earlier"):
+        resume(run, output_dir, str(output_dir / "checkpoint-3"))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_a_truncated_file_is_named(run, tmp_path, name):
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    truncate(output_dir / "checkpoint-3" / name)
+    with pytest.raises(ValueError, match=rf"checkpoint-3/{name} is truncated or corrupt"):
+        resume(run, output_dir, str(output_dir / "checkpoint-3"))
+
+
+@pytest.mark.parametrize(
+    ("setup", "difference"),
+    [
+        (dict(lookbehind_k=3), "k=2 .now 3."),
+        (
+            dict(lookbehind_method="lookahead", minibatch_switching=False),
+            "method='lookbehind' .now 'lookahead'.",
+        ),
+    ],
+)
+def test_a_checkpoint_of_another_setup_is_refused_by_name(run, tmp_path, setup, difference):
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    with pytest.raises(ValueError, match=rf"checkpoint-3/optimizer\.pt.*{difference}"):
+        resume(run, output_dir, str(output_dir / "checkpoint-3"), **setup)
+
+
+def test_a_checkpoint_of_the_other_mode_is_refused_by_name(run, tmp_path):
+    mode = run[0]
+    other = {"minibatch_switching": mode == "same_batch"}
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    with pytest.raises(ValueError, match=r"checkpoint-3/optimizer\.pt.*minibatch_switching"):
+        resume(run, output_dir, str(output_dir / "checkpoint-3"), **other)
