@@ -470,7 +470,43 @@ class LookbehindTrainer(Trainer):
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             check_checkpoint(str(resume_from_checkpoint), model_file=not self.is_fsdp_enabled)
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+        self._report_an_open_last_cycle()
+        return output
+
+    def _announce_an_open_last_cycle(self, max_steps: int) -> None:
+        """Before training: in switching and lookahead mode, the inner steps after the last
+        complete cycle never reach the slow weights that the final model holds."""
+        engine = self.lookbehind
+        if engine is None or engine.method_window is not None or not cycles(engine.settings):
+            return
+        left = (engine.cycle_position + max_steps - self.state.global_step) % engine.k
+        if left:
+            folded = max_steps - left
+            logger.warning(
+                "with max_steps=%d, the cycles of k=%d inner steps end at step %d: the last %d "
+                "inner steps will not reach the slow weights, so the final model will hold the "
+                "slow weights of step %d; set max_steps to %d or %d to fold every step in",
+                max_steps,
+                engine.k,
+                folded,
+                left,
+                folded,
+                folded,
+                folded + engine.k,
+            )
+
+    def _report_an_open_last_cycle(self) -> None:
+        engine = self.lookbehind
+        if engine is None or engine.cycle_position == 0:
+            return
+        logger.warning(
+            "the final model holds the slow weights of the last complete cycle of k=%d inner "
+            "steps; the last %d inner steps were not folded in (they stay in the optimizer "
+            "state, so a run resumed from a checkpoint of this step completes the cycle)",
+            engine.k,
+            engine.cycle_position,
+        )
 
     def _optimizer_file(self, checkpoint: str) -> str:
         if self.saves_optimizer_shards:
@@ -598,6 +634,13 @@ class LookbehindTrainer(Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------- overrides of private Trainer methods (transformers 5.x)
+    def _prepare_for_training(self, max_steps: int, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(
+            max_steps, train_dataloader, resume_from_checkpoint
+        )
+        self._announce_an_open_last_cycle(max_steps)  # the checkpoint's cycle is loaded now
+        return prepared
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.saves_optimizer_shards:

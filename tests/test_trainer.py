@@ -4,6 +4,7 @@ resume, mixed precision, logging and bad flags (CPU, float64 where exactness is 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -283,6 +284,40 @@ def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path, mode):
         assert five_steps.lookbehind.cycle_position == 5 % MODES[mode]["lookbehind_k"] != 0
         fast = five_steps.lookbehind.lookbehind_state[five_steps.model.fc1.weight]
         assert not torch.equal(fast["lookbehind_fast"], saved["fc1.weight"])
+
+
+def trainer_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "hf_lookbehind.trainer"]
+
+
+@pytest.mark.parametrize("mode", ["switching", "lookahead_sam"])
+def test_a_last_incomplete_cycle_is_announced_before_and_after_training(tmp_path, caplog, mode):
+    """7 steps in cycles of k = 2 (switching) or 3 (lookahead): the last step never reaches the
+    slow weights, so the final model is that of 6 steps; the run says so before training and
+    at its end, and a run of 6 steps says nothing."""
+    k = MODES[mode]["lookbehind_k"]
+    seven = make_trainer(tmp_path / "seven", **{**MODES[mode], "max_steps": 7})
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        seven.train()
+    before, after = trainer_warnings(caplog)
+    assert "max_steps=7" in before and f"k={k}" in before
+    assert "the last 1 inner steps will not reach the slow weights" in before
+    assert "the last 1 inner steps were not folded in" in after
+
+    caplog.clear()
+    six = make_trainer(tmp_path / "six", **{**MODES[mode], "max_steps": 6})
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        six.train()
+    assert not trainer_warnings(caplog)
+    for a, b in zip(seven.model.parameters(), six.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_same_batch_steps_say_nothing_of_cycles(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, **{**MODES["same_batch"], "max_steps": 7})
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        trainer.train()
+    assert not trainer_warnings(caplog)
 
 
 # -------------------------------------------------------------------------- mixed precision
