@@ -42,18 +42,27 @@ zero and the base optimizer sees finite zero-gradient updates, never NaN.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from .alpha import adaptive_alpha
-from .batchnorm import batchnorm_modules, frozen_running_stats
-from .multi_tensor import copy_into_buffers, global_norm, lerp_, swap_storage, zero_nonfinite_
+from .batchnorm import RunningStatsGuard, batchnorm_modules, frozen_running_stats
+from .multi_tensor import (
+    copy_into_buffers,
+    copy_values_,
+    global_norm,
+    lerp_,
+    swap_storage,
+    zero_nonfinite_,
+)
 from .perturbation import ascend_
-from .schedules import BUFFERS, FAST, FIRST_FAST, micro_batch_ascent, schedule_for
+from .schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent, schedule_for
 from .settings import METHODS, applicable_settings, validate_settings
 from .sharding import local_shards
 
@@ -70,10 +79,21 @@ SKIPPED_STEPS = "lookbehind_skipped_steps"
 LAST_ALPHA = "lookbehind_last_alpha"
 GRADIENT_COMPUTATIONS = "lookbehind_gradient_computations"
 CONFIG = "lookbehind_config"
-# Which config entries a checkpoint must agree on to be resumed.
-_RESUME_KEYS = ("method", "k", "minibatch_switching", "adaptive")
+# Which config entries a checkpoint must agree on to be resumed between outer steps (in the
+# middle of a cycle, every entry must agree).
+_FIXED_KEYS = (
+    "method",
+    "k",
+    "minibatch_switching",
+    "adaptive",
+    "perturbation",
+    "asam_eta",
+    "adaptive_scope",
+    "micro_batch_ascent",
+)
 
 Closure = Callable[[], torch.Tensor]
+_logger = logging.getLogger(__name__)
 
 
 class CheckedGradients(NamedTuple):
@@ -180,6 +200,8 @@ class Lookbehind(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer
         self._apply_settings(settings)
         self._batchnorms = batchnorm_modules(model)
+        self._running_stats = RunningStatsGuard(self._batchnorms)
+        self._transaction = _StepTransaction()
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
         self.last_descent_grad_norm: torch.Tensor | None = None
@@ -268,6 +290,12 @@ class Lookbehind(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
+        if self.cycle_position != 0:
+            raise RuntimeError(
+                f"add_param_group() between outer steps only: {self.cycle_position} of {self.k} "
+                "inner steps of the current cycle are done, and the open cycle's buffers cover "
+                "the parameters it started with; add the group when cycle_position is 0"
+            )
         self.base_optimizer.add_param_group(param_group)
         self.param_groups[-1].setdefault("asam_scale", True)
 
@@ -290,16 +318,12 @@ class Lookbehind(torch.optim.Optimizer):
         return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict["param_groups"][0].get(CONFIG)
-        if saved is not None:
-            mismatched = [key for key in _RESUME_KEYS if saved.get(key) != self.config[key]]
-            if mismatched:
-                details = ", ".join(
-                    f"{key}={saved.get(key)!r} (now {self.config[key]!r})" for key in mismatched
-                )
-                raise ValueError(
-                    f"checkpoint was written with a different Lookbehind setup: {details}"
-                )
+        """Load a checkpoint of this engine (or of its base optimizer alone). The setup must
+        match the checkpoint's: in the middle of a cycle exactly, between outer steps up to the
+        hyper-parameters a run may change (``rho``, a static ``alpha``, ``max_grad_norm``,
+        ``batchnorm_update``), whose old and new values are logged."""
+        self._check_resumed_setup(state_dict)
+        base_entries, buffers = {}, {}
         base_entries, buffers = {}, {}
         for index, entry in state_dict["state"].items():
             base_entries[index] = {k: v for k, v in entry.items() if k not in BUFFERS}
@@ -314,6 +338,59 @@ class Lookbehind(torch.optim.Optimizer):
             for key, value in entry.items():
                 self.lookbehind_state[p][key] = value.to(device=p.device, dtype=p.dtype)
         self._init_run_state()
+
+    def _check_resumed_setup(self, state_dict: dict[str, Any]) -> None:
+        run = state_dict["param_groups"][0]
+        saved = run.get(CONFIG)
+        if saved is None:
+            return
+        saved = applicable_settings(saved)  # older checkpoints recorded unread settings too
+        position = run.get(CYCLE_POSITION, 0)
+        changed = {
+            key: (saved.get(key), value)
+            for key, value in self.config.items()
+            if key in saved and saved[key] != value
+        }
+        refused = changed if position else {k: v for k, v in changed.items() if k in _FIXED_KEYS}
+        if refused:
+            details = ", ".join(
+                f"{key}={old!r} (now {new!r})" for key, (old, new) in refused.items()
+            )
+            where = (
+                f"in the middle of a cycle ({position} of {saved.get('k')} inner steps done), "
+                "where every setting must match"
+                if position
+                else "between outer steps, where only rho, a static alpha, max_grad_norm and "
+                "batchnorm_update may change"
+            )
+            raise ValueError(
+                f"checkpoint was written with a different Lookbehind setup: {details}; it was "
+                f"saved {where}"
+            )
+        for key, (old, new) in changed.items():
+            _logger.warning(
+                "resuming with %s=%r (the checkpoint was written with %r)", key, new, old
+            )
+        if position:
+            self._check_cycle_buffers(state_dict, position)
+
+    def _check_cycle_buffers(self, state_dict: dict[str, Any], position: int) -> None:
+        """A checkpoint saved mid-cycle must carry the open cycle's buffers for every
+        parameter (without them the cycle cannot go on exactly)."""
+        needed = (FAST,) if self.method == "lookahead" else (FAST, PERTURBED)
+        entries = state_dict["state"]
+        missing = [
+            index
+            for index in range(len(self.params))
+            if any(key not in entries.get(index, {}) for key in needed)
+        ]
+        if missing:
+            raise ValueError(
+                f"checkpoint was saved in the middle of a cycle ({position} of {self.k} inner "
+                f"steps done) but lacks the cycle's buffers {list(needed)} for parameters "
+                f"{missing[:8]}{' ...' if len(missing) > 8 else ''}: it cannot be resumed "
+                "exactly; resume from a checkpoint saved between outer steps"
+            )
 
     # ------------------------------------------------------------ primitives of the schedules
     @property
@@ -369,8 +446,18 @@ class Lookbehind(torch.optim.Optimizer):
         stats = frozen_running_stats(self._batchnorms) if freeze else contextlib.nullcontext()
         with torch.enable_grad(), stats:
             loss = closure()
+        if not freeze:
+            self._check_running_stats()
         self.after_backward()
         return loss
+
+    def _check_running_stats(self) -> None:
+        """A pass that updated BatchNorm statistics: a non-finite statistic fails the outer step
+        like a non-finite gradient (the statistics are then restored at the end of the step)."""
+        finite = self._running_stats.finite()
+        if finite is not None:
+            nonfinite, _ = self._run_tensors(finite.device)
+            nonfinite.logical_or_(~finite)
 
     def checked_gradients(self) -> CheckedGradients:
         """Gradients of the last pass and their global norm. A non-finite norm marks the outer
@@ -423,17 +510,35 @@ class Lookbehind(torch.optim.Optimizer):
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
             self.last_descent_grad_norm = norm
+        self.cycle_changed()  # the base optimizer's state moves on
         self.base_optimizer.step()
+
+    def swap(self, key: str) -> None:
+        """Exchange the parameters' storage with the buffer ``key`` (see
+        :func:`~hf_lookbehind.multi_tensor.swap_storage`); an exception later in the step swaps
+        back."""
+        swap_storage(self.params, self.lookbehind_state, key)
+        self._transaction.swapped.append(key)
+
+    def hold_backup(self, target: str, source: str) -> None:
+        """Until the step ends, buffer ``source`` holds the values that ``target`` (a buffer
+        key, or ``"params"``) had when the step began: an exception puts them back."""
+        self._transaction.backups.append((target, source))
+
+    def cycle_changed(self) -> None:
+        """Something the open cycle carries to the next step changed without a backup: an
+        exception from now on discards the cycle instead of restoring it."""
+        self._transaction.recoverable = False
 
     def descend(self, *, record_first: bool = False) -> None:
         """``F <- A(F, g)`` with ``F`` swapped into the parameters for the update;
         ``record_first`` keeps ``F_1`` for adaptive alpha."""
         params = self.params
-        swap_storage(params, self.lookbehind_state, FAST)
+        self.swap(FAST)
         self.base_update()
         if record_first:
             copy_into_buffers(params, self.lookbehind_state, FIRST_FAST)
-        swap_storage(params, self.lookbehind_state, FAST)
+        self.swap(FAST)
 
     def finish_outer_step(self, slow: list[torch.Tensor]) -> None:
         """``S <- S + alpha (F_k - S)`` into ``slow`` (eq. 7-8 for adaptive alpha), gated by
@@ -460,10 +565,10 @@ class Lookbehind(torch.optim.Optimizer):
         run[CYCLE_POSITION] = (run[CYCLE_POSITION] + 1) % self.k
 
     def close_cycle(self) -> None:
-        """End an outer step: count a skip if it saw a non-finite gradient, reset the flag."""
+        """End an outer step: count a skip if it saw a non-finite gradient (the flag is reset
+        when the step returns, after the BatchNorm statistics were restored)."""
         nonfinite, skipped = self.nonfinite_flag, self.param_groups[0][SKIPPED_STEPS]
         skipped.add_(nonfinite.to(skipped.dtype))
-        nonfinite.zero_()
         self.param_groups[0][CYCLE_POSITION] = 0
 
     def record_perturbation_distance(
@@ -504,9 +609,99 @@ class Lookbehind(torch.optim.Optimizer):
                 "calls backward(); it runs it once per forward/backward pass"
             )
         if self.micro_batch_ascent:
-            return micro_batch_ascent(self, [closure] if callable(closure) else list(closure))
+            closures = [closure] if callable(closure) else list(closure)
+            return self._run_transaction(lambda: micro_batch_ascent(self, closures))
         if not callable(closure):
             raise TypeError(
                 "a sequence of closures (one per micro-batch) needs micro_batch_ascent=True"
             )
-        return schedule_for(self.method, self.minibatch_switching)(self, closure)
+        schedule = schedule_for(self.method, self.minibatch_switching)
+        return self._run_transaction(lambda: schedule(self, closure))
+
+    def _run_transaction(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one step's schedule so that every exit leaves the model at the slow weights: a
+        skipped step (non-finite value) restores the BatchNorm statistics too, and an exception
+        restores the parameters, statistics and run state (see :meth:`_roll_back`)."""
+        self._begin_step()
+        try:
+            loss = run()
+        except BaseException as error:
+            self._roll_back(error)
+            raise
+        self._end_step()
+        return loss
+
+    def _begin_step(self) -> None:
+        run = self.param_groups[0]
+        flag = run[CYCLE_NONFINITE]
+        # Between outer steps the flag is always reset; mid-cycle it carries the cycle's state.
+        held = None if flag is None or run[CYCLE_POSITION] == 0 else flag.clone()
+        self._transaction = _StepTransaction(
+            cycle_position=run[CYCLE_POSITION],
+            gradient_computations=run[GRADIENT_COMPUTATIONS],
+            nonfinite=held,
+        )
+        if self._batchnorms:
+            self._running_stats.save()
+
+    def _end_step(self) -> None:
+        flag = self.nonfinite_flag
+        if flag is None:
+            return
+        if self._batchnorms:
+            self._running_stats.restore(keep=~flag)
+        if self.cycle_position == 0:
+            flag.zero_()
+
+    def _roll_back(self, error: BaseException) -> None:
+        """After an exception inside a step: swap every buffer back, put back the values that
+        the step's backups hold, restore the BatchNorm statistics and the run state. If the
+        step had changed nothing that outlives it, the engine is as before the step; otherwise
+        (the base optimizer had updated, or a mid-cycle buffer had moved) the open outer step
+        is discarded as for a non-finite gradient: the slow weights are kept and
+        ``skipped_steps`` counts it."""
+        transaction, state, params = self._transaction, self.lookbehind_state, self.params
+        for key in reversed(transaction.swapped):
+            swap_storage(params, state, key)
+        for target, source in reversed(transaction.backups):
+            held = [p.data for p in params] if target == "params" else self.buffers(target)
+            copy_values_(held, self.buffers(source))
+        self._running_stats.restore()
+        self.base_optimizer.zero_grad(set_to_none=True)
+        run = self.param_groups[0]
+        run[GRADIENT_COMPUTATIONS] = transaction.gradient_computations
+        nonfinite, skipped = self._run_tensors(params[0].device)
+        if transaction.recoverable:
+            run[CYCLE_POSITION] = transaction.cycle_position
+            if transaction.nonfinite is None:
+                nonfinite.zero_()
+            else:
+                nonfinite.copy_(transaction.nonfinite)
+            outcome = "the optimizer's state is as before the step"
+        else:
+            run[CYCLE_POSITION] = 0
+            skipped.add_(1)
+            nonfinite.zero_()
+            outcome = (
+                "the open outer step was discarded as for a non-finite gradient (counted in "
+                "skipped_steps); the base optimizer keeps the updates it had made in it"
+            )
+        _logger.warning(
+            "Lookbehind step interrupted by %r: the model holds the slow weights; %s",
+            error,
+            outcome,
+        )
+        error.add_note(f"Lookbehind: the model holds the slow weights; {outcome}.")
+
+
+@dataclass
+class _StepTransaction:
+    """What a step must undo on an exception: the storage swaps it made, the buffers holding
+    values from before the step, and the run state it began with."""
+
+    cycle_position: int = 0
+    gradient_computations: int = 0
+    nonfinite: torch.Tensor | None = None
+    swapped: list[str] = field(default_factory=list)
+    backups: list[tuple[str, str]] = field(default_factory=list)
+    recoverable: bool = True

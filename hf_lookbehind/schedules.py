@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .multi_tensor import copy_into_buffers, copy_values_, lerp_, swap_storage
+from .multi_tensor import copy_into_buffers, copy_values_, lerp_
 
 if TYPE_CHECKING:
     from .optimizer import Closure, Lookbehind
@@ -39,6 +39,7 @@ def lookbehind_same_batch(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     engine.last_ascent_grad_norm = checked.norm
     copy_into_buffers(params, engine.lookbehind_state, FAST)  # F_0 = S
     copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps S while P moves
+    engine.hold_backup("params", PERTURBED)
     for inner in range(1, engine.k + 1):
         engine.ascend(checked)  # P_{i-1} -> P_i
         engine.forward_backward(closure, first=False)
@@ -47,7 +48,7 @@ def lookbehind_same_batch(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     slow = engine.buffers(PERTURBED)
     engine.record_perturbation_distance([p.data for p in params], slow)
     engine.finish_outer_step(slow)
-    swap_storage(params, engine.lookbehind_state, PERTURBED)  # params <- new S
+    engine.swap(PERTURBED)  # params <- new S
     return loss
 
 
@@ -59,15 +60,17 @@ def lookbehind_switching(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     if position == 0:
         copy_into_buffers(params, engine.lookbehind_state, FAST)
         copy_into_buffers(params, engine.lookbehind_state, PERTURBED)
-    swap_storage(params, engine.lookbehind_state, PERTURBED)  # params <- P_{i-1}, buffer <- S
+    engine.swap(PERTURBED)  # params <- P_{i-1}, buffer <- S
     loss = engine.forward_backward(closure, first=True)
     checked = engine.checked_gradients()
     engine.last_ascent_grad_norm = checked.norm
+    if position > 0:
+        engine.cycle_changed()  # P_{i-1}, carried from the last call, moves on
     engine.ascend(checked)  # P_i
     engine.forward_backward(closure, first=False)
     engine.checked_gradients()
     engine.descend(record_first=position == 0 and engine.alpha == "adaptive")
-    swap_storage(params, engine.lookbehind_state, PERTURBED)  # params <- S, buffer <- P_i
+    engine.swap(PERTURBED)  # params <- S, buffer <- P_i
     engine.advance_cycle()
     if engine.cycle_position == 0:
         slow = [p.data for p in params]
@@ -82,18 +85,19 @@ def lookahead(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     params = engine.params
     if engine.cycle_position == 0:
         copy_into_buffers(params, engine.lookbehind_state, FAST)
-    swap_storage(params, engine.lookbehind_state, FAST)  # params <- F_{i-1}, buffer <- S
+    engine.swap(FAST)  # params <- F_{i-1}, buffer <- S
     loss = engine.forward_backward(closure, first=True)
     checked = engine.checked_gradients()
     engine.last_ascent_grad_norm = checked.norm
     if engine.perturbation != "none":
         copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps F_{i-1}
+        engine.hold_backup(FAST, PERTURBED)
         engine.ascend(checked)
         engine.forward_backward(closure, first=False)
         engine.checked_gradients()
-        swap_storage(params, engine.lookbehind_state, PERTURBED)  # params <- F_{i-1}
+        engine.swap(PERTURBED)  # params <- F_{i-1}
     engine.base_update()  # F_i
-    swap_storage(params, engine.lookbehind_state, FAST)  # params <- S, buffer <- F_i
+    engine.swap(FAST)  # params <- S, buffer <- F_i
     engine.advance_cycle()
     if engine.cycle_position == 0:
         engine.finish_outer_step([p.data for p in params])
@@ -110,17 +114,19 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     checked = engine.checked_gradients()
     engine.last_ascent_grad_norm = checked.norm
     copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps S
-    for inner in range(1, engine.k + 1):
+    engine.hold_backup("params", PERTURBED)
+    summed: set[torch.Tensor] = set()
+    for _ in range(engine.k):
         engine.ascend(checked)
         engine.forward_backward(closure, first=False)
         checked = engine.checked_gradients()
         if average:
-            _accumulate_gradients(engine, checked.params, checked.grads, GRAD_SUM, first=inner == 1)
+            _accumulate_gradients(engine, checked.params, checked.grads, GRAD_SUM, summed)
     slow = engine.buffers(PERTURBED)
     engine.record_perturbation_distance([p.data for p in params], slow)
     copy_values_([p.data for p in params], slow)  # params <- S; buffer keeps S
     if average:
-        _load_gradient_sum(engine, GRAD_SUM, divisor=float(engine.k))
+        _load_gradient_sum(engine, GRAD_SUM, summed, divisor=float(engine.k))
     engine.base_update()
     # A skipped step restores S exactly: lerp with weight 1 returns its end point.
     lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
@@ -128,36 +134,46 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     return loss
 
 
-def _accumulate_gradients(engine: Lookbehind, params, grads, key: str, *, first: bool) -> None:
-    """``state[p][key] <- grads`` (``first``) or ``+= grads``."""
+def _accumulate_gradients(
+    engine: Lookbehind, params, grads, key: str, summed: set[torch.Tensor]
+) -> None:
+    """``state[p][key] += grad`` over the passes of one step; ``summed`` holds the parameters
+    that had a gradient in an earlier pass of the step (the others start their sum here), so
+    a parameter without any gradient in the step keeps none, whatever earlier steps left."""
     state = engine.lookbehind_state
-    if first:
-        for p, grad in zip(params, grads, strict=True):
-            if key not in state[p]:
-                state[p][key] = torch.empty_like(grad)
-        copy_values_([state[p][key] for p in params], grads)
-    else:
-        torch._foreach_add_([state[p][key] for p in params], grads)
+    started = [index for index, p in enumerate(params) if p not in summed]
+    for index in started:
+        p = params[index]
+        if key not in state[p]:
+            state[p][key] = torch.empty_like(grads[index])
+        summed.add(p)
+    copy_values_([state[params[i]][key] for i in started], [grads[i] for i in started])
+    if len(started) < len(params):
+        new = set(started)
+        added = [i for i in range(len(params)) if i not in new]
+        torch._foreach_add_([state[params[i]][key] for i in added], [grads[i] for i in added])
 
 
-def _buffers_if_present(engine: Lookbehind, key: str) -> list[torch.Tensor]:
-    state = engine.lookbehind_state
-    return [state[p][key] for p in engine.params if key in state[p]]
-
-
-def _load_gradient_sum(engine: Lookbehind, key: str, *, divisor: float) -> None:
-    """Put the summed gradients ``state[p][key] / divisor`` into ``.grad`` (the sums' storage
-    and the gradients' swap places, so nothing is allocated). Passes before a non-finite one
-    were summed unzeroed, so the result is gated by the non-finite flag."""
+def _load_gradient_sum(
+    engine: Lookbehind, key: str, summed: set[torch.Tensor], *, divisor: float
+) -> None:
+    """Put the summed gradients ``state[p][key] / divisor`` into ``.grad`` of the parameters in
+    ``summed``, and no gradient into the others, so that those are left alone as
+    ``torch.optim`` leaves a parameter without gradient (the sums' storage and the gradients'
+    swap places, so nothing is allocated). Passes before a non-finite one were summed
+    unzeroed, so the result is gated by the non-finite flag."""
     engine.forget_checked_norm()  # these gradients are not the checked ones
     state = engine.lookbehind_state
-    params = [p for p in engine.params if key in state[p]]
-    for p in params:
+    loaded = []
+    for p in engine.params:
+        if p not in summed:
+            p.grad = None
+            continue
         if p.grad is None:
             p.grad = torch.empty_like(state[p][key])
         p.grad, state[p][key] = state[p][key], p.grad
-    if params:
-        loaded = [p.grad for p in params]
+        loaded.append(p.grad)
+    if loaded:
         if divisor != 1.0:
             torch._foreach_div_(loaded, divisor)
         torch._foreach_mul_(loaded, engine.keep_factor(loaded[0].dtype))
@@ -181,7 +197,9 @@ def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch
     state = engine.lookbehind_state
     sums = [micro_batch_grad_sum(i) for i in range(1, engine.k + 1)]
     copy_into_buffers(params, state, PERTURBED)  # keeps S
+    engine.hold_backup("params", PERTURBED)
     slow = engine.buffers(PERTURBED)
+    summed: dict[str, set[torch.Tensor]] = {key: set() for key in sums}
     loss = None
     for index, closure in enumerate(closures):
         if index > 0:
@@ -195,12 +213,14 @@ def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch
             engine.ascend(checked)  # P_{j,i}
             engine.forward_backward(closure, first=False, count=index == 0)
             checked = engine.checked_gradients()
-            _accumulate_gradients(engine, checked.params, checked.grads, key, first=index == 0)
+            _accumulate_gradients(engine, checked.params, checked.grads, key, summed[key])
     engine.record_perturbation_distance([p.data for p in params], slow)  # of the last path
     copy_values_([p.data for p in params], slow)  # params <- S
-    engine.synchronize_gradient_sums([t for key in sums for t in _buffers_if_present(engine, key)])
+    engine.synchronize_gradient_sums(
+        [state[p][key] for key in sums for p in params if p in summed[key]]
+    )
     if engine.method == "sam":
-        _load_gradient_sum(engine, sums[0], divisor=1.0)
+        _load_gradient_sum(engine, sums[0], summed[sums[0]], divisor=1.0)
         engine.base_update()
         # A skipped step restores S exactly: lerp with weight 1 returns its end point.
         lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
@@ -208,7 +228,7 @@ def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch
         return loss
     copy_into_buffers(params, state, FAST)  # F_0 = S
     for inner, key in enumerate(sums, start=1):
-        _load_gradient_sum(engine, key, divisor=1.0)
+        _load_gradient_sum(engine, key, summed[key], divisor=1.0)
         engine.descend(record_first=inner == 1 and engine.alpha == "adaptive")
     slow = [p.data for p in params]
     engine.finish_outer_step(slow)
