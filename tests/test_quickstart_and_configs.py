@@ -32,9 +32,10 @@ quickstart = load_quickstart()
 
 
 def documented_demo_commands() -> list[str]:
-    """Every ``bash scripts/run_demo.sh ...`` command of README.md (code blocks and inline
-    code), comments dropped."""
-    text = (ROOT / "README.md").read_text()
+    """Every ``bash scripts/run_demo.sh ...`` command of README.md and docs/ (code blocks and
+    inline code), comments dropped."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    text = "\n".join(page.read_text() for page in pages)
     found = re.findall(r"^(bash scripts/run_demo\.sh[^\n#`]*)", text, flags=re.M)
     found += re.findall(r"`(bash scripts/run_demo\.sh[^`]*)`", text)
     return sorted({command.strip() for command in found})
