@@ -548,6 +548,11 @@ def format_table(rows: Sequence[Row]) -> str:
         )
         for row in rows
     ]
+    return format_columns(header, lines)
+
+
+def format_columns(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A left-aligned text table: each column as wide as its widest cell."""
     widths = [max(len(cells[i]) for cells in [header, *lines]) for i in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
@@ -555,7 +560,7 @@ def format_table(rows: Sequence[Row]) -> str:
     )
 
 
-def _choices(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+def comma_separated(allowed: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in allowed]
@@ -578,7 +583,7 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def _count(minimum: int) -> Callable[[str], int]:
+def integer_at_least(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -600,38 +605,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="ResNet-34 (CIFAR stem) at batch 128 fp32 and ViT-B/16 at batch 64 bf16 autocast",
     )
     parser.add_argument(
-        "--models", type=_choices(MODELS), default=list(MODELS), help=", ".join(MODELS)
+        "--models", type=comma_separated(MODELS), default=list(MODELS), help=", ".join(MODELS)
     )
     parser.add_argument(
         "--methods",
-        type=_choices(METHODS),
+        type=comma_separated(METHODS),
         default=list(DEFAULT_METHODS),
         help=f"any of {', '.join(METHODS)} (default: {', '.join(DEFAULT_METHODS)})",
     )
     parser.add_argument("--ks", type=_positive_ints, default=[2, 5], help="k values, e.g. 2,5")
     parser.add_argument(
         "--warmup",
-        type=_count(1),
+        type=integer_at_least(1),
         default=2,
         help="runs per row before the timed rounds (>= 1; they give the peak memory)",
     )
-    parser.add_argument("--repeats", type=_count(1), default=7, help="timed rounds")
-    parser.add_argument("--threads", type=_count(1), default=None, help="torch.set_num_threads")
-    parser.add_argument("--batch_size", type=_count(1), default=None, help="overrides the model's")
+    parser.add_argument("--repeats", type=integer_at_least(1), default=7, help="timed rounds")
+    parser.add_argument(
+        "--threads", type=integer_at_least(1), default=None, help="torch.set_num_threads"
+    )
+    parser.add_argument(
+        "--batch_size", type=integer_at_least(1), default=None, help="overrides the model's"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
+    args.device = device_argument(parser, args.device)
+    if "trainer" in args.methods and "lookbehind" not in args.methods:
+        parser.error("--methods trainer is compared with lookbehind: list lookbehind too")
+    return args
+
+
+def device_argument(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """The ``--device`` value: cpu, or cuda[:index] where CUDA is available (else a parser
+    error saying what is allowed)."""
     try:
-        device = torch.device(args.device)
+        device = torch.device(text)
     except RuntimeError:
         device = None
     if device is None or device.type not in ("cpu", "cuda"):
-        parser.error(f"--device must be cpu or cuda[:index], got {args.device!r}")
-    args.device = device
-    if "trainer" in args.methods and "lookbehind" not in args.methods:
-        parser.error("--methods trainer is compared with lookbehind: list lookbehind too")
-    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device must be cpu or cuda[:index], got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here; use --device cpu")
-    return args
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
