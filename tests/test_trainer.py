@@ -320,6 +320,49 @@ def test_same_batch_steps_say_nothing_of_cycles(tmp_path, caplog):
     assert not trainer_warnings(caplog)
 
 
+class InterruptedTrainer(InOrderTrainer):
+    """Raises KeyboardInterrupt from inside the loss computation of pass ``interrupt_at``
+    (counted over the whole run), as Ctrl-C in the middle of a step."""
+
+    interrupt_at = 0
+    passes = 0
+
+    def compute_loss(self, *args, **kwargs):
+        type(self).passes += 1
+        if type(self).passes == self.interrupt_at:
+            raise KeyboardInterrupt
+        return super().compute_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("mode", ["same_batch", "switching"])
+def test_an_interrupt_inside_a_step_leaves_the_slow_weights_of_the_step_before(
+    tmp_path, mode, batchnorm
+):
+    """Ctrl-C in the last pass of step 4 (same-batch: 3 passes per step, switching: 2), caught
+    around ``train()``, then ``save_model()``: the saved model is that of a run of 3 steps."""
+    passes_per_step = 3 if mode == "same_batch" else 2
+    InterruptedTrainer.passes, InterruptedTrainer.interrupt_at = 0, 4 * passes_per_step
+    interrupted = make_trainer(
+        tmp_path / "interrupted",
+        model=make_model(batchnorm),
+        trainer_class=InterruptedTrainer,
+        **MODES[mode],
+    )
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.train()
+    assert interrupted.state.global_step == 3
+    interrupted.save_model(str(tmp_path / "saved"))
+
+    three_steps = make_trainer(
+        tmp_path / "three", model=make_model(batchnorm), **{**MODES[mode], "max_steps": 3}
+    )
+    three_steps.train()
+    saved = load_file(tmp_path / "saved" / "model.safetensors")
+    for name, value in three_steps.model.state_dict().items():
+        assert torch.equal(saved[name], value), name
+
+
 # -------------------------------------------------------------------------- mixed precision
 def test_bf16_autocast_on_cpu_stays_finite(tmp_path):
     model = make_model().float()

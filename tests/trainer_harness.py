@@ -120,11 +120,13 @@ def make_args(output_dir, **overrides) -> LookbehindTrainingArguments:
     return LookbehindTrainingArguments(**settings)
 
 
-def make_trainer(output_dir, model=None, dataset=None, **overrides) -> InOrderTrainer:
+def make_trainer(
+    output_dir, model=None, dataset=None, trainer_class=InOrderTrainer, **overrides
+) -> InOrderTrainer:
     model = model or make_model()
     args = make_args(output_dir, **overrides)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.learning_rate, momentum=0.9)
-    return InOrderTrainer(
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=dataset or ToyDataset(),
