@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,16 @@ from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
 from .method_window import PHASE_KEYS, MethodWindow
 from .perturbation import PERTURBATIONS
-from .settings import METHODS, applicable_settings, parse_alpha, validate_settings
+from .settings import (
+    DEFAULT_ADAPTIVE_SCOPE,
+    DEFAULT_ALPHA,
+    DEFAULT_ASAM_ETA,
+    DEFAULT_RHO,
+    METHODS,
+    applicable_settings,
+    parse_alpha,
+    validate_settings,
+)
 
 TRAINER_METHODS = (*METHODS, "none")
 UNSUPPORTED_SHARDING = (
@@ -23,6 +33,26 @@ UNSUPPORTED_SHARDING = (
 )
 ASCENT_SYNCS = ("global", "per_device", "per_micro_batch")
 BASELINE_METHODS = ("sam", "multistep", "multistep_avg")
+# The Lookbehind flags that default to None ("not given"): the engine setting each one sets, and
+# a setup that reads it (where a value given with --lookbehind_method none is checked).
+GIVEN_FLAGS = {
+    "lookbehind_k": ("k", {"method": "lookbehind"}),
+    "lookbehind_alpha": ("alpha", {"method": "lookbehind"}),
+    "rho": ("rho", {"method": "lookbehind"}),
+    "asam_eta": ("asam_eta", {"method": "lookbehind", "perturbation": "asam"}),
+    "adaptive_alpha_scope": ("adaptive_scope", {"method": "lookbehind", "alpha": "adaptive"}),
+    "batchnorm_update": ("batchnorm_update", {"method": "lookbehind"}),
+}
+# The other Lookbehind flags, with the default that changes nothing without the engine.
+ENGINE_FLAG_DEFAULTS = {
+    "perturbation": "sam",
+    "minibatch_switching": False,
+    "asam_weights_only": True,
+    "ascent_sync": "global",
+    "baseline_method": "sam",
+}
+
+logger = logging.getLogger(__name__)
 
 
 def check_sharding(
@@ -67,8 +97,14 @@ class LookbehindTrainingArguments(TrainingArguments):
             "choices": list(PERTURBATIONS),
         },
     )
-    rho: float = field(default=0.05, metadata={"help": "Neighbourhood radius of the ascent step."})
-    asam_eta: float = field(default=0.01, metadata={"help": "eta of ASAM's T = |w| + eta."})
+    rho: float | None = field(
+        default=None,
+        metadata={"help": f"Neighbourhood radius of the ascent step; default {DEFAULT_RHO}."},
+    )
+    asam_eta: float | None = field(
+        default=None,
+        metadata={"help": f"eta of ASAM's T = |w| + eta (asam only); default {DEFAULT_ASAM_ETA}."},
+    )
     asam_weights_only: bool = field(
         default=True,
         metadata={
@@ -82,15 +118,18 @@ class LookbehindTrainingArguments(TrainingArguments):
             "help": "Inner steps per outer step (ascent steps for multistep); default 2, 1 for sam."
         },
     )
-    lookbehind_alpha: str = field(
-        default="0.5",
-        metadata={"help": "Slow-weight step size in (0, 1], or 'adaptive' (eq. 7-8)."},
-    )
-    adaptive_alpha_scope: str = field(
-        default="per_tensor",
+    lookbehind_alpha: str | None = field(
+        default=None,
         metadata={
-            "help": "Adaptive alpha: one angle per parameter tensor (per_tensor, the public code) "
-            "or over all parameters (global, eq. 8).",
+            "help": "Slow-weight step size in (0, 1], or 'adaptive' (eq. 7-8; lookbehind only); "
+            f"lookbehind and lookahead only, default {DEFAULT_ALPHA}."
+        },
+    )
+    adaptive_alpha_scope: str | None = field(
+        default=None,
+        metadata={
+            "help": "Adaptive alpha only: one angle per parameter tensor (per_tensor, the public "
+            f"code) or over all parameters (global, eq. 8); default {DEFAULT_ADAPTIVE_SCOPE}.",
             "choices": list(ADAPTIVE_SCOPES),
         },
     )
@@ -160,6 +199,8 @@ class LookbehindTrainingArguments(TrainingArguments):
         for name, value, allowed in (
             ("lookbehind_method", self.lookbehind_method, TRAINER_METHODS),
             ("ascent_sync", self.ascent_sync, ASCENT_SYNCS),
+            ("perturbation", self.perturbation, PERTURBATIONS),
+            ("baseline_method", self.baseline_method, BASELINE_METHODS),
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
@@ -170,25 +211,82 @@ class LookbehindTrainingArguments(TrainingArguments):
             ascent_sync=self.ascent_sync,
             fp16=self.fp16,
         )
-        if self.lookbehind_method != "none":
-            validate_settings(**self.lookbehind_kwargs())
+        if self.lookbehind_method == "none":
+            self._refuse_lookbehind_flags()
+        else:
+            self._check_flags_against(validate_settings(**self.lookbehind_kwargs()))
         self.method_window()
+
+    def _refuse_lookbehind_flags(self) -> None:
+        """``--lookbehind_method none``: every Lookbehind flag given is checked as the engine
+        would check it, then refused, since the base optimizer alone reads none of them."""
+        for name, (setting, setup) in GIVEN_FLAGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                validate_settings(**setup, **{setting: value})
+        given = [name for name in GIVEN_FLAGS if getattr(self, name) is not None]
+        given += [
+            name for name, default in ENGINE_FLAG_DEFAULTS.items() if getattr(self, name) != default
+        ]
+        if given:
+            flags = ", ".join(f"--{name} {getattr(self, name)}" for name in given)
+            raise ValueError(
+                f"{flags}: no effect with --lookbehind_method none, which trains with the base "
+                "optimizer alone; leave them unset, or choose a Lookbehind method"
+            )
+
+    def _check_flags_against(self, settings: dict[str, Any]) -> None:
+        """The Trainer's own flags that the engine's ``settings`` (validated, defaults filled
+        in, None where unread) do not read are refused; an engine flag given at its default
+        where it is not read (the engine lets it pass) is named in a warning."""
+        unread = [
+            (
+                not self.asam_weights_only and settings["perturbation"] != "asam",
+                "--asam_weights_only false",
+                f"--perturbation {settings['perturbation']} is not ASAM",
+            ),
+            (
+                self.ascent_sync != "global" and settings["perturbation"] == "none",
+                f"--ascent_sync {self.ascent_sync}",
+                "--perturbation none takes no ascent step",
+            ),
+        ]
+        for refused, flag, reason in unread:
+            if refused:
+                raise ValueError(f"{flag} has no effect: {reason}; leave it unset")
+        if self.baseline_method != "sam" and not self._has_method_window:
+            logger.warning(
+                "--baseline_method %s has no effect without --lookbehind_start_epoch or "
+                "--lookbehind_end_epoch: the whole run uses --lookbehind_method %s",
+                self.baseline_method,
+                self.lookbehind_method,
+            )
+        for name, (setting, _) in GIVEN_FLAGS.items():
+            if getattr(self, name) is not None and settings[setting] is None:
+                logger.warning(
+                    "--%s %s has no effect with --lookbehind_method %s (perturbation %s, alpha "
+                    "%s); leave it unset",
+                    name,
+                    getattr(self, name),
+                    settings["method"],
+                    settings["perturbation"],
+                    settings["alpha"],
+                )
+
+    @property
+    def _has_method_window(self) -> bool:
+        return self.lookbehind_start_epoch != 0.0 or self.lookbehind_end_epoch is not None
 
     def method_window(self) -> MethodWindow | None:
         """The epochs of ``--lookbehind_method`` and ``--baseline_method`` around them
         (Sec. 5.4), or None when the whole run uses ``--lookbehind_method``. Both phases'
         settings are validated."""
-        if self.lookbehind_start_epoch == 0.0 and self.lookbehind_end_epoch is None:
+        if not self._has_method_window:
             return None
         if self.lookbehind_method == "none":
             raise ValueError(
                 "--lookbehind_start_epoch/--lookbehind_end_epoch switch between "
                 "--lookbehind_method and --baseline_method; --lookbehind_method none has no engine"
-            )
-        if self.baseline_method not in BASELINE_METHODS:
-            raise ValueError(
-                f"unknown baseline_method {self.baseline_method!r}; allowed: "
-                f"{', '.join(BASELINE_METHODS)}"
             )
         inside = self.lookbehind_kwargs()
         inside = validate_settings(**inside)
@@ -212,8 +310,9 @@ class LookbehindTrainingArguments(TrainingArguments):
 
     def lookbehind_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :class:`hf_lookbehind.Lookbehind` (without the optimizer and
-        the model). ``max_grad_norm`` (a ``TrainingArguments`` field, 0 for none) clips every
-        descent update."""
+        the model), None where a flag was not given, so that the engine fills in its defaults
+        where the method reads them and refuses what it would not read. ``max_grad_norm`` (a
+        ``TrainingArguments`` field, 0 for none) clips every descent update."""
         return {
             "method": self.lookbehind_method,
             "k": self.lookbehind_k,

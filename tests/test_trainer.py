@@ -478,29 +478,102 @@ def test_a_launch_the_trainer_would_not_shard_is_rejected(tmp_path, monkeypatch)
         LookbehindTrainer(model=make_model(), args=args, train_dataset=ToyDataset())
 
 
-def test_arguments_parse_from_the_command_line(tmp_path):
+def parse_command_line(*flags: str) -> LookbehindTrainingArguments:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(LookbehindTrainingArguments).parse_args_into_dataclasses(
-        [
-            "--output_dir",
-            str(tmp_path),
-            "--lookbehind_k",
-            "5",
-            "--lookbehind_alpha",
-            "adaptive",
-            "--minibatch_switching",
-            "--perturbation",
-            "asam",
-            "--rho",
-            "0.5",
-        ]
+    parser = HfArgumentParser(LookbehindTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses(["--output_dir", "unused", *flags])
+    return args
+
+
+def built_engine(args: LookbehindTrainingArguments) -> Lookbehind:
+    model = make_model()
+    trainer = InOrderTrainer(model=model, args=args, train_dataset=ToyDataset())
+    trainer.create_optimizer()
+    return trainer.lookbehind
+
+
+def test_arguments_parse_from_the_command_line():
+    args = parse_command_line(
+        "--lookbehind_k", "5", "--lookbehind_alpha", "ADAPTIVE", "--minibatch_switching",
+        "--perturbation", "asam", "--rho", "0.5",
+    )  # fmt: skip
+    engine = built_engine(args)
+    assert (engine.k, engine.alpha, engine.rho, engine.asam_eta) == (5, "adaptive", 0.5, 0.01)
+    assert engine.minibatch_switching and engine.perturbation == "asam"
+    assert built_engine(parse_command_line("--lookbehind_alpha", "0.8")).alpha == 0.8
+
+
+def test_flags_not_given_take_the_engines_defaults():
+    args = parse_command_line()
+    assert (args.lookbehind_alpha, args.rho, args.asam_eta, args.adaptive_alpha_scope) == (
+        (None,) * 4
     )
-    settings = args.lookbehind_kwargs()
-    assert settings["k"] == 5 and settings["alpha"] == "adaptive"
-    assert settings["minibatch_switching"] and settings["perturbation"] == "asam"
-    engine = Lookbehind(torch.optim.SGD(make_model().parameters(), lr=0.1), **settings)
-    assert engine.config["k"] == 5
+    engine = built_engine(args)
+    assert (engine.k, engine.alpha, engine.rho, engine.batchnorm_update) == (
+        2, 0.5, 0.05, "first_pass"
+    )  # fmt: skip
+    assert engine.asam_eta is None and engine.adaptive_scope is None  # not read: SAM, static
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        # A bad value is named as such, whatever the method.
+        (dict(lookbehind_method="none", rho=-1.0), "rho must be a finite number >= 0"),
+        (dict(lookbehind_method="none", lookbehind_alpha="7"), r"alpha must be a number in \(0"),
+        (dict(lookbehind_method="none", asam_eta=-1.0), "asam_eta must be a finite number"),
+        (dict(lookbehind_method="none", adaptive_alpha_scope="ring"), "unknown adaptive_scope"),
+        (dict(lookbehind_method="none", lookbehind_k=0), "k must be an integer >= 1"),
+        (dict(lookbehind_method="none", perturbation="gsam"), "unknown perturbation 'gsam'"),
+        # The base optimizer alone reads no Lookbehind flag, at its default value or not.
+        (
+            dict(lookbehind_method="none", rho=0.05, lookbehind_alpha="0.8"),
+            "--lookbehind_alpha 0.8, --rho 0.05: no effect with --lookbehind_method none",
+        ),
+        (dict(lookbehind_method="none", batchnorm_update="every_pass"), "--batchnorm_update"),
+        (dict(lookbehind_method="none", minibatch_switching=True), "--minibatch_switching True"),
+        (dict(lookbehind_method="none", perturbation="asam"), "--perturbation asam: no effect"),
+        (dict(lookbehind_method="none", ascent_sync="per_device"), "--ascent_sync per_device"),
+        (dict(lookbehind_method="none", asam_weights_only=False), "--asam_weights_only False"),
+        # A method that does not read a flag given otherwise than at its default.
+        (
+            dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha="0.8"),
+            "alpha=0.8 has no effect: method='sam'",
+        ),
+        (dict(adaptive_alpha_scope="global"), "adaptive_scope='global' has no effect"),
+        (dict(asam_eta=0.1), "asam_eta=0.1 has no effect"),
+        (dict(asam_weights_only=False), "--asam_weights_only false has no effect: --perturbation"),
+        (
+            dict(lookbehind_method="lookahead", perturbation="none", ascent_sync="per_device"),
+            "--ascent_sync per_device has no effect",
+        ),
+    ],
+)
+def test_flags_without_effect_are_refused(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_args(tmp_path, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides,flag",
+    [
+        (dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha="0.5"), "alpha 0.5"),
+        (dict(adaptive_alpha_scope="per_tensor"), "--adaptive_alpha_scope per_tensor"),
+        (dict(asam_eta=0.01), "--asam_eta 0.01"),
+        (dict(baseline_method="multistep"), "--baseline_method multistep"),
+    ],
+)
+def test_flags_given_at_their_harmless_default_without_effect_are_named(
+    tmp_path, caplog, overrides, flag
+):
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        make_args(tmp_path, **overrides)
+    assert f"{flag} has no effect" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        make_args(tmp_path)
+    assert "has no effect" not in caplog.text
 
 
 # ------------------------------------------------------------- compile and checkpointing

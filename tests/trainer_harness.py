@@ -113,9 +113,11 @@ def make_args(output_dir, **overrides) -> LookbehindTrainingArguments:
         max_grad_norm=0.0,
         dataloader_drop_last=True,
         disable_tqdm=True,
-        lookbehind_k=2,
-        rho=0.1,
     )
+    if overrides.get("lookbehind_method") != "none":  # the base optimizer alone reads no k
+        settings.update(lookbehind_k=2)
+        if overrides.get("perturbation") != "none":  # nor does Lookahead without an ascent
+            settings.update(rho=0.1)
     settings.update(overrides)
     return LookbehindTrainingArguments(**settings)
 
