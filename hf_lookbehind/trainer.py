@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
-from transformers import Trainer, TrainerState
+from transformers import PreTrainedModel, Trainer, TrainerState
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import (
@@ -218,8 +218,24 @@ def read_trainer_state(folder: str) -> TrainerState:
         raise corrupt_file_error(path, error) from error
 
 
-def check_model_file(folder: str) -> None:
-    """The checkpoint has a model file, and a single-file one is complete."""
+def read_model_file(path: str) -> set[str] | None:
+    """The tensor names of a single-file model (None for an index), read so that a truncated
+    or corrupt file is named as such before any work."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as saved:
+                return set(saved.keys())
+        if path.endswith(".bin"):
+            return set(torch.load(path, map_location="cpu", mmap=True, weights_only=True))
+    except UNREADABLE as error:
+        raise corrupt_file_error(path, error) from error
+    return None
+
+
+def check_model_file(folder: str, model: nn.Module) -> None:
+    """The checkpoint has a complete model file; for a plain ``nn.Module`` (whose whole
+    ``state_dict`` the Trainer saves) it holds exactly the model's tensors. A transformers
+    model may save fewer (tied weights), so only its loading checks it."""
     found = [os.path.join(folder, name) for name in MODEL_FILES]
     found = [path for path in found if os.path.isfile(path)]
     if not found:
@@ -229,24 +245,27 @@ def check_model_file(folder: str) -> None:
             "an earlier checkpoint"
         )
     path = found[0]
-    try:
-        if path.endswith(".safetensors"):
-            with safe_open(path, framework="pt"):
-                pass
-        elif path.endswith(".bin"):
-            torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except UNREADABLE as error:
-        raise corrupt_file_error(path, error) from error
+    names = read_model_file(path)
+    if names is None or isinstance(model, PreTrainedModel):
+        return
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} was written for another model (missing: {', '.join(missing) or 'none'}; "
+            f"not in this model: {', '.join(unexpected) or 'none'}); resume with the model it "
+            "was written for, or start a new run"
+        )
 
 
-def check_checkpoint(folder: str, *, model_file: bool) -> None:
+def check_checkpoint(folder: str, model: nn.Module | None) -> None:
     """Refuse, before any work, a checkpoint the Trainer cannot resume: no folder, no readable
-    ``trainer_state.json``, or (``model_file``: outside FSDP) no readable model file."""
+    ``trainer_state.json``, or (``model``: outside FSDP) no model file that fits ``model``."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"checkpoint folder {folder} not found")
     read_trainer_state(folder)
-    if model_file:
-        check_model_file(folder)
+    if model is not None:
+        check_model_file(folder, model)
 
 
 def newest_complete_checkpoint(output_dir: str) -> str:
@@ -469,7 +488,8 @@ class LookbehindTrainer(Trainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            check_checkpoint(str(resume_from_checkpoint), model_file=not self.is_fsdp_enabled)
+            model = None if self.is_fsdp_enabled else self.model
+            check_checkpoint(str(resume_from_checkpoint), model)
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         self._report_an_open_last_cycle()
         return output

@@ -11,10 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_trainer import engine_kwargs
 from torch import nn
-from trainer_harness import make_model, make_trainer, sequential_closures
+from trainer_harness import (
+    make_model,
+    make_trainer,
+    model_and_sgd_from_checkpoint,
+    sequential_closures,
+)
 
 from hf_lookbehind import Lookbehind
 
@@ -76,20 +80,25 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def continued_with_a_fresh_optimizer(run, checkpoint: Path, first_step: int) -> nn.Module:
-    """The rest of the run as a plain loop from the checkpoint's model, with a new base
-    optimizer (no momentum) on the Trainer's linear schedule and data order."""
+def continued_in_a_plain_loop(
+    run, checkpoint: Path, first_step: int, *, momentum: bool, **engine_changes
+) -> nn.Module:
+    """The rest of the run as a plain loop from the checkpoint's model, on the Trainer's linear
+    schedule and data order, with the checkpoint's momentum or a new base optimizer."""
     mode, batchnorm, _, _ = run
-    model = make_model(batchnorm)
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    base = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    engine = Lookbehind(base, model=model, **engine_kwargs(MODES[mode]))
+    model, base = model_and_sgd_from_checkpoint(checkpoint, batchnorm, momentum=momentum)
+    engine = Lookbehind(base, model=model, **{**engine_kwargs(MODES[mode]), **engine_changes})
     closures = sequential_closures(model, 16, STEPS - first_step, first_step)
     for step, closure in enumerate(closures, start=first_step):
         for group in base.param_groups:
             group["lr"] = LR * (STEPS - step) / STEPS
         engine.step(closure)
     return model
+
+
+def assert_close(model: nn.Module, expected: nn.Module) -> None:
+    for a, b in zip(model.parameters(), expected.parameters()):
+        assert (a - b).abs().max().item() < 1e-10
 
 
 @pytest.mark.parametrize("step", [2, 3])
@@ -113,9 +122,7 @@ def test_a_missing_optimizer_file_refuses_an_open_cycle_and_warns_otherwise(
     with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
         model = resume(run, output_dir, str(checkpoint))
     assert "optimizer.pt is missing" in caplog.text and "momentum" in caplog.text
-    expected = continued_with_a_fresh_optimizer(run, checkpoint, step)
-    for a, b in zip(model.parameters(), expected.parameters()):
-        assert (a - b).abs().max().item() < 1e-10
+    assert_close(model, continued_in_a_plain_loop(run, checkpoint, step, momentum=False))
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), run[3].values()))
 
 
@@ -189,3 +196,33 @@ def test_a_checkpoint_of_the_other_mode_is_refused_by_name(run, tmp_path):
     output_dir = copy_checkpoints(run, tmp_path, 3)
     with pytest.raises(ValueError, match=r"checkpoint-3/optimizer\.pt.*minibatch_switching"):
         resume(run, output_dir, str(output_dir / "checkpoint-3"), **other)
+
+
+@pytest.mark.parametrize("step", [2, 3])
+def test_a_changed_rho_resumes_at_a_cycle_boundary_and_is_refused_inside_a_cycle(
+    run, tmp_path, caplog, step
+):
+    """rho 0.2 instead of 0.1: at a cycle boundary (every same-batch step) the run goes on with
+    the new rho and the checkpoint's momentum, and the engine says so; a switching checkpoint
+    cut mid-cycle holds buffers of the old rho and is refused."""
+    output_dir = copy_checkpoints(run, tmp_path, step)
+    checkpoint = output_dir / f"checkpoint-{step}"
+    if run[0] == "switching" and step % K:
+        with pytest.raises(ValueError, match=r"checkpoint-3/optimizer\.pt.*rho=0\.1 \(now 0\.2\)"):
+            resume(run, output_dir, str(checkpoint), rho=0.2)
+        return
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        model = resume(run, output_dir, str(checkpoint), rho=0.2)
+    assert "rho=0.2" in caplog.text
+    assert_close(model, continued_in_a_plain_loop(run, checkpoint, step, momentum=True, rho=0.2))
+
+
+def test_a_checkpoint_of_another_model_is_refused_by_name(run, tmp_path):
+    """A checkpoint of the model with BatchNorm resumed without it, or the reverse."""
+    mode, batchnorm, _, _ = run
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    other = trainer_for(output_dir, mode, not batchnorm)
+    with pytest.raises(
+        ValueError, match=r"checkpoint-3/model\.safetensors was written for another"
+    ):
+        other.train(resume_from_checkpoint=str(output_dir / "checkpoint-3"))

@@ -5,14 +5,16 @@ Trainer resumed from the checkpoint, or the engine in a plain loop)."""
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_trainer import MODES, engine_kwargs, max_difference
-from torch import nn
-from trainer_harness import make_model, make_trainer, sequential_closures
+from trainer_harness import (
+    make_model,
+    make_trainer,
+    model_and_sgd_from_checkpoint,
+    sequential_closures,
+)
 
 from hf_lookbehind import Lookbehind
 
@@ -59,18 +61,6 @@ def test_a_second_train_without_resuming_keeps_training_with_the_same_engine(tmp
     assert max_difference(trainer.model, model) < 1e-10
 
 
-def sgd_from_checkpoint(checkpoint: Path) -> tuple[nn.Module, torch.optim.SGD]:
-    """The checkpoint's model and an SGD holding the checkpoint's momentum buffers (read from
-    the base optimizer's entries of ``optimizer.pt``, whatever else they hold)."""
-    model = make_model()
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for index, p in enumerate(model.parameters()):
-        sgd.state[p]["momentum_buffer"] = saved["state"][index]["momentum_buffer"].clone()
-    return model, sgd
-
-
 def lookbehind_keys(state_dict: dict) -> set[str]:
     entries = [*state_dict["state"].values(), *state_dict["param_groups"]]
     return {key for entry in entries for key in entry if key.startswith("lookbehind_")}
@@ -94,7 +84,7 @@ def test_resuming_a_lookbehind_checkpoint_without_lookbehind_drops_its_entries(t
     assert not lookbehind_keys(plain.optimizer.state_dict())
     assert all("asam_scale" not in group for group in plain.optimizer.param_groups)
 
-    model, sgd = sgd_from_checkpoint(checkpoint)
+    model, sgd = model_and_sgd_from_checkpoint(checkpoint)
     for closure in sequential_closures(model, 16, 2, first_step=3):
         sgd.zero_grad()
         closure()
@@ -117,7 +107,7 @@ def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momen
     assert "written without the Lookbehind engine" in caplog.text
     assert resumed.lookbehind.gradient_computations == 2 * 3  # two passes per switching step
 
-    model, sgd = sgd_from_checkpoint(checkpoint)
+    model, sgd = model_and_sgd_from_checkpoint(checkpoint)
     engine = Lookbehind(sgd, model=model, **engine_kwargs(MODES["switching"]))
     for closure in sequential_closures(model, 16, 3, first_step=3):
         engine.step(closure)

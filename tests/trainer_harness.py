@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import PretrainedConfig, PreTrainedModel
@@ -160,6 +161,22 @@ def plain_loop(model: nn.Module, batch_size: int, steps: int, **engine_kwargs) -
     for closure in sequential_closures(model, batch_size, steps):
         engine.step(closure)
     return model
+
+
+def model_and_sgd_from_checkpoint(
+    checkpoint: Path, batchnorm: bool = False, momentum: bool = True
+) -> tuple[nn.Module, torch.optim.SGD]:
+    """A checkpoint's model and an SGD as ``make_trainer`` builds it; with ``momentum``, holding
+    the momentum buffers of the base optimizer's entries of ``optimizer.pt`` (whatever else
+    those entries hold)."""
+    model = make_model(batchnorm)
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    if momentum:
+        saved = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+        for index, p in enumerate(model.parameters()):
+            sgd.state[p]["momentum_buffer"] = saved["state"][index]["momentum_buffer"].clone()
+    return model, sgd
 
 
 def main() -> None:
