@@ -61,9 +61,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from hf_lookbehind import Lookbehind
 from hf_lookbehind.reference import ReferenceLookbehind
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
-from cifar_models import resnet20, resnet34
+from hf_lookbehind_recipes.cifar_models import resnet20, resnet34
 
 MODELS = ("resnet", "vit")
 METHODS = (
