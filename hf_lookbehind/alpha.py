@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .multi_tensor import per_tensor_norms
+from .multi_tensor import local_square_sums
 from .sharding import local_shards, sum_over_shards
 
 ADAPTIVE_SCOPES = ("per_tensor", "global")
@@ -26,23 +26,23 @@ def adaptive_alpha(
 ) -> torch.Tensor:
     """Eq. 7-8: a vector of one alpha per tensor (``per_tensor``) or a 0-d tensor (``global``).
 
-    Reads the deltas only; stays on the device. For FSDP2 shards, the norms and dot products
-    are those of the whole tensors (sums of per-shard partial sums).
+    The dot products come from squared norms, ``a.b = (||a||^2 + ||b||^2 - ||a - b||^2) / 2``,
+    so that every reduction is one multi-tensor kernel: ``first_deltas`` is scratch, and holds
+    ``first - last`` on return; ``last_deltas`` is only read. Stays on the device. For FSDP2
+    shards the sums are those of the whole tensors (per-shard partial sums, one all-reduce of
+    one sum per tensor for each of the three).
     """
     if scope not in ADAPTIVE_SCOPES:
         raise ValueError(f"unknown adaptive alpha scope {scope!r}; allowed: {ADAPTIVE_SCOPES}")
-    first_norms = per_tensor_norms(first_deltas)
-    last_norms = per_tensor_norms(last_deltas)
-    dots = torch.stack(
-        [
-            torch.dot(a.reshape(-1), b.reshape(-1)).to(first_norms.dtype)
-            for a, b in zip(local_shards(first_deltas), local_shards(last_deltas), strict=True)
-        ]
+    squares = local_square_sums(first_deltas) + local_square_sums(last_deltas)
+    torch._foreach_sub_(local_shards(first_deltas), local_shards(last_deltas))
+    squares += local_square_sums(first_deltas)
+    first_squares, last_squares, difference_squares = (
+        sum_over_shards(row, first_deltas) for row in torch.stack(squares).view(3, -1)
     )
-    dots = sum_over_shards(dots, first_deltas)
+    dots = (first_squares + last_squares - difference_squares) / 2
     if scope == "global":
-        dots = dots.sum()
-        first_norms = torch.linalg.vector_norm(first_norms)
-        last_norms = torch.linalg.vector_norm(last_norms)
+        dots, first_squares, last_squares = dots.sum(), first_squares.sum(), last_squares.sum()
+    first_norms, last_norms = first_squares.sqrt(), last_squares.sqrt()
     cosine = dots / (first_norms.clamp_min(COSINE_EPS) * last_norms.clamp_min(COSINE_EPS))
     return (cosine + 1.0) / 2.0

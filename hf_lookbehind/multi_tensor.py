@@ -1,19 +1,78 @@
 """Multi-tensor helpers shared by the engine: norms, storage swaps, masked selection.
 
-Every helper works on lists of tensors with ``torch._foreach_*`` kernels where PyTorch has one,
-never reads a tensor value on the host, and allocates nothing parameter-sized. FSDP2 parameters
+Every helper works on lists of tensors with ``torch._foreach_*`` kernels (one call per list and
+dtype, so the work dispatched does not grow with the number of tensors), never reads a tensor
+value on the host, and allocates nothing parameter-sized: a temporary covers at most
+``1 / TEMPORARY_PARTS`` of the tensors' elements (plus one tensor) at a time. FSDP2 parameters
 (``DTensor`` shards) are handled on their local shards (see :mod:`hf_lookbehind.sharding`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .sharding import is_sharded, local_shards, sum_over_shards
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# Integers as wide as a floating-point element: zero_nonfinite_ gates the bit patterns.
+_SAME_WIDTH_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+TEMPORARY_PARTS = 4
+
+
+def by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
+    """Indices of ``tensors`` grouped by dtype (a multi-tensor kernel takes one dtype)."""
+    groups: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tensor.dtype, []).append(index)
+    return groups
+
+
+def in_parts(tensors: Sequence[torch.Tensor], parts: int = TEMPORARY_PARTS) -> Iterator[slice]:
+    """Consecutive runs of ``tensors``, at most ``parts`` of them, each holding at most
+    ``1 / parts`` of the elements plus its last tensor."""
+    total = sum(t.numel() for t in tensors)
+    start, done, cut = 0, 0, 1
+    for index, tensor in enumerate(tensors[:-1]):
+        done += tensor.numel()
+        if done * parts >= cut * total > 0:
+            yield slice(start, index + 1)
+            start = index + 1
+            cut = done * parts // total + 1
+    if tensors:
+        yield slice(start, len(tensors))
+
+
+def scratch_like(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Uninitialised tensors shaped like ``tensors``: views of one flat buffer per dtype, so
+    one allocation per dtype instead of one per tensor."""
+    scratch: list[torch.Tensor | None] = [None] * len(tensors)
+    for dtype, indices in by_dtype(tensors).items():
+        sizes = [tensors[i].numel() for i in indices]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[indices[0]].device)
+        for i, piece in zip(indices, flat.split(sizes), strict=True):
+            scratch[i] = piece.view(tensors[i].shape)
+    return scratch  # type: ignore[return-value]
+
+
+def _per_tensor(
+    reduce: Callable[..., list[torch.Tensor]], tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``reduce`` (``torch._foreach_norm`` or ``torch._foreach_powsum``, order 2) of each
+    tensor, one call per dtype, accumulated in float32 for half precision, in the order of
+    ``tensors``, cast to float64 if any tensor is float64 (else they are float32)."""
+    groups = by_dtype(tensors)
+    result_dtype = torch.float64 if torch.float64 in groups else torch.float32
+    results: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for dtype, indices in groups.items():
+        accumulate = torch.float32 if dtype in _LOW_PRECISION else None
+        values = reduce([tensors[i] for i in indices], 2, dtype=accumulate)
+        if values[0].dtype != result_dtype:
+            values = [value.to(result_dtype) for value in values]
+        for i, value in zip(indices, values, strict=True):
+            results[i] = value
+    return results
 
 
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -22,19 +81,14 @@ def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     if not tensors:
         raise ValueError("per_tensor_norms needs at least one tensor")
     sharded = any(is_sharded(t) for t in tensors)
-    whole, tensors = tensors, local_shards(tensors)
-    norms: list[torch.Tensor | None] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_dtype.setdefault(tensor.dtype, []).append(index)
-    for dtype, indices in by_dtype.items():
-        accumulate = torch.float32 if dtype in _LOW_PRECISION else None
-        group = [tensors[i] for i in indices]
-        for i, norm in zip(indices, torch._foreach_norm(group, 2, dtype=accumulate), strict=True):
-            norms[i] = norm
-    result_dtype = torch.float64 if torch.float64 in by_dtype else torch.float32
-    stacked = torch.stack([n.to(result_dtype) for n in norms])  # type: ignore[union-attr]
-    return sum_over_shards(stacked.square(), whole).sqrt() if sharded else stacked
+    stacked = torch.stack(_per_tensor(torch._foreach_norm, local_shards(tensors)))
+    return sum_over_shards(stacked.square(), tensors).sqrt() if sharded else stacked
+
+
+def local_square_sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``sum(t ** 2)`` over each tensor's local shard: one 0-d float32 (float64 if any tensor
+    is float64) tensor per tensor, one multi-tensor kernel per dtype."""
+    return _per_tensor(torch._foreach_powsum, local_shards(tensors))
 
 
 def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -47,19 +101,22 @@ def swap_storage(params: Sequence[torch.Tensor], state: dict, key: str) -> None:
 
     This is O(1) per tensor: no arithmetic, so values never pass through a rounding round trip.
     An FSDP2 parameter keeps its storage (FSDP2 all-gathers from its own reference to the
-    shard), so its local shard exchanges values with the buffer's instead: three copies of the
-    shard, with one shard-sized temporary at a time, still exact.
+    shard), so the local shards exchange values with the buffers' instead: three copies, through
+    a temporary of at most a part of the shards at a time (:func:`in_parts`), still exact.
     """
+    sharded = []
     for p in params:
-        buffer = state[p][key]
         if is_sharded(p):
-            value, other = p.to_local(), buffer.to_local()
-            held = value.clone()
-            value.copy_(other)
-            other.copy_(held)
-            continue
-        state[p][key] = p.data
-        p.data = buffer
+            sharded.append(p)
+        else:
+            state[p][key], p.data = p.data, state[p][key]
+    values = local_shards(sharded)
+    others = local_shards([state[p][key] for p in sharded])
+    for part in in_parts(values):
+        held = scratch_like(values[part])
+        torch._foreach_copy_(held, values[part])
+        torch._foreach_copy_(values[part], others[part])
+        torch._foreach_copy_(others[part], held)
 
 
 def rotate_storage(params: Sequence[torch.Tensor], state: dict, first: str, second: str) -> None:
@@ -87,14 +144,17 @@ def copy_values_(destinations: Sequence[torch.Tensor], sources: Sequence[torch.T
 
 
 def zero_nonfinite_(grads: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
-    """Make gradients safe for a base optimizer: NaN/inf entries become 0, and every entry
-    becomes 0 when ``keep`` (a 0-d device tensor of 0 or 1) is 0. Finite values with
-    ``keep == 1`` are left bit-identical."""
-    grads = local_shards(grads)
-    for grad in grads:
-        torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
-    if grads:
-        torch._foreach_mul_(grads, keep)
+    """Make gradients safe for a base optimizer: every entry becomes +0, NaN and inf included,
+    when ``keep`` (a 0-d device tensor of 0 or 1) is 0; with ``keep == 1`` the gradients are
+    left bit-identical. ``keep`` must be 0 whenever a gradient holds a NaN/inf, as it is when
+    derived from their norm, which any NaN/inf entry makes non-finite.
+
+    ``NaN * 0`` is NaN, so the gate multiplies the bit patterns instead, viewed as integers of
+    the same width: exact for 0 and 1, one multi-tensor kernel per dtype."""
+    bits = [torch.view_as_real(g) if g.is_complex() else g for g in local_shards(grads)]
+    for dtype, indices in by_dtype(bits).items():
+        integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
+        torch._foreach_mul_([bits[i].view(integer) for i in indices], keep.to(integer))
 
 
 def lerp_(starts: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weights) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .multi_tensor import global_norm
+from .multi_tensor import global_norm, in_parts
 from .sharding import local_shards
 
 PERTURBATIONS = ("sam", "asam", "none")
@@ -25,10 +25,15 @@ NORM_EPS = 1e-16
 
 
 def _scale_by_asam_factor_(params, grads, scaled, eta: float) -> None:
-    """``g <- (|w| + eta) * g`` for the scaled tensors. One tensor-sized temporary at a time."""
-    for p, grad, is_scaled in zip(params, grads, scaled, strict=True):
-        if is_scaled:
-            grad.mul_(p.abs().add_(eta))
+    """``g <- (|w| + eta) * g`` for the scaled tensors by multi-tensor kernels, part by part
+    (:func:`~hf_lookbehind.multi_tensor.in_parts`), so that the temporary ``T`` never holds
+    more than a part of the parameters."""
+    params = [p for p, is_scaled in zip(params, scaled, strict=True) if is_scaled]
+    grads = [g for g, is_scaled in zip(grads, scaled, strict=True) if is_scaled]
+    for part in in_parts(params):
+        factors = torch._foreach_abs(params[part])
+        torch._foreach_add_(factors, eta)
+        torch._foreach_mul_(grads[part], factors)
 
 
 def ascend_(

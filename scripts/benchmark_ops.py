@@ -37,6 +37,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torchvision.models.resnet import BasicBlock, conv1x1
 
+import hf_lookbehind
 from hf_lookbehind import Lookbehind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,6 +68,7 @@ LAUNCHES = ("cudaLaunch", "cuLaunch", "cudaMemcpyAsync", "cudaMemsetAsync")
 SYNCHRONISATIONS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 BLOCKING_COPY = "cudaMemcpy"
 COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional")
+ENGINE = Path(hf_lookbehind.__file__).resolve().parent
 
 
 class OpCounter(TorchDispatchMode):
@@ -74,22 +76,30 @@ class OpCounter(TorchDispatchMode):
     views excluded; nothing is counted inside :meth:`excluding` closures, whose calls
     ``passes`` counts. ``ops`` are the ATen operations, ``collectives`` the c10d ones; the
     ``profiler::`` ranges that ``torch.optim`` opens around ``step`` and ``zero_grad`` (host
-    bookkeeping, no kernel) are in ``counts`` only. ``per_tensor`` sums the tensors of the
+    bookkeeping, no kernel) are in ``counts`` only. ``sources`` counts the ATen operations by
+    the function that issued them (:func:`source_of`). ``per_tensor`` sums the tensors of the
     ``_foreach_*`` calls whose tensor lists differ in shape, stride or dtype, which CUDA runs as
-    one kernel per tensor."""
+    one kernel per tensor; ``per_tensor_calls`` names them."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
         self.per_tensor = 0
+        self.per_tensor_calls: Counter[str] = Counter()
         self.passes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not func.is_view:
             name = func.name()
             self.counts[name] += 1
-            if name.startswith("aten::_foreach_"):
-                self.per_tensor += _per_tensor_work(args, kwargs or {})
+            if name.startswith("aten::"):
+                source = source_of(sys._getframe(1))
+                self.sources[source] += 1
+                tensors = _per_tensor_work(args, kwargs or {}) if "::_foreach_" in name else 0
+                if tensors:
+                    self.per_tensor += tensors
+                    self.per_tensor_calls[f"{name} ({source})"] += tensors
         return func(*args, **(kwargs or {}))
 
     def _in(self, namespaces: Sequence[str]) -> int:
@@ -113,6 +123,17 @@ class OpCounter(TorchDispatchMode):
                 return closure()
 
         return run
+
+
+def source_of(frame) -> str:
+    """``file:function`` of the innermost caller in the engine (``hf_lookbehind``) or in
+    ``torch.optim`` (the base optimizer), else ``other``."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.parent == ENGINE or path.parent.parts[-2:] == ("torch", "optim"):
+            return f"{path.name}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "other"
 
 
 def _per_tensor_work(args: Sequence, kwargs: dict) -> int:
@@ -182,12 +203,14 @@ def resnet34(width: int = 64, num_classes: int = 10) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def deep_mlp(width: int, depth: int, num_classes: int = 10) -> nn.Sequential:
-    """``depth`` blocks of ``Linear(width, width)`` and GELU, then a linear head: 2 (depth + 1)
-    parameter tensors."""
+def deep_mlp(width: int, depth: int, num_classes: int = 10, batchnorm: bool = False):
+    """``depth`` blocks of ``Linear(width, width)`` (then ``BatchNorm1d`` with ``batchnorm``)
+    and GELU, and a linear head: 2 (depth + 1) parameter tensors, 4 depth + 2 with BatchNorm."""
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.GELU()]
+        layers.append(nn.Linear(width, width))
+        layers += [nn.BatchNorm1d(width)] if batchnorm else []
+        layers.append(nn.GELU())
     return nn.Sequential(*layers, nn.Linear(width, num_classes))
 
 
@@ -200,16 +223,17 @@ class ModelSpec:
 
 
 def model_specs(tiny: bool) -> list[ModelSpec]:
-    """ResNet-34 and a deep MLP with 442 tensors (about 4x as many); ``tiny``: narrow widths
-    and small inputs, the same tensors."""
+    """ResNet-34 and a deep MLP with 442 tensors (about 4x as many), both with BatchNorm (the
+    engine snapshots its statistics each step); ``tiny``: narrow widths and small inputs, the
+    same tensors."""
     if tiny:
         return [
             ModelSpec("ResNet-34 (width 4)", lambda: resnet34(4), (3, 16, 16), 4),
-            ModelSpec("MLP 220x8", lambda: deep_mlp(8, 220), (8,), 4),
+            ModelSpec("MLP+BN 110x8", lambda: deep_mlp(8, 110, batchnorm=True), (8,), 4),
         ]
     return [
         ModelSpec("ResNet-34", resnet34, (3, 32, 32), 8),
-        ModelSpec("MLP 220x256", lambda: deep_mlp(256, 220), (256,), 8),
+        ModelSpec("MLP+BN 110x256", lambda: deep_mlp(256, 110, batchnorm=True), (256,), 8),
     ]
 
 
@@ -229,8 +253,14 @@ class Case:
 
     @property
     def calls(self) -> int:
-        cycle = self.settings.get("minibatch_switching") or self.settings["method"] == "lookahead"
-        return self.k if cycle else 1
+        return calls_per_outer_step(self.settings)
+
+
+def calls_per_outer_step(settings: dict) -> int:
+    """``step()`` calls of one outer step: k in switching and lookahead mode, else 1."""
+    method = settings.get("method", "lookbehind")
+    cycle = settings.get("minibatch_switching") or method == "lookahead"
+    return settings["k"] if cycle else 1
 
 
 def _case(name: str, method: str, micro_batches: int = 1, **settings) -> Case:
@@ -294,6 +324,8 @@ class Count:
     launches: int | None = None
     syncs: int | None = None
     op_counts: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+    per_tensor_calls: dict[str, int] = field(default_factory=dict)
 
 
 def sgd(params) -> torch.optim.Optimizer:
@@ -317,6 +349,8 @@ def count_outer_step(
         counter.per_tensor,
         counter.collectives,
         op_counts=dict(sorted(counter.counts.items())),
+        sources=dict(counter.sources.most_common()),
+        per_tensor_calls=dict(counter.per_tensor_calls.most_common()),
     )
     if cuda:
         torch.cuda.synchronize()
@@ -420,6 +454,38 @@ def format_rows(rows: Sequence[Row], specs: Sequence[ModelSpec], tensors: Sequen
     return format_columns(header, lines)
 
 
+def by_file(sources: dict[str, int]) -> str:
+    """``optimizer.py 46, batchnorm.py 36, ...``: operations per source file."""
+    files: Counter[str] = Counter()
+    for source, n in sources.items():
+        files[source.split(":")[0]] += n
+    return ", ".join(f"{name} {n}" for name, n in files.most_common())
+
+
+def format_notes(rows: Sequence[Row]) -> str:
+    """Where the operations of the rows that miss a target come from, and which calls CUDA
+    runs one kernel per tensor (with the tensors of the first model that has them)."""
+    lines = []
+    for row in rows:
+        if not row.within_targets:
+            for label, count in row.counts.items():
+                lines.append(f"{row.case}, {label}: {count.ops} ops = {by_file(count.sources)}")
+    calls: dict[str, str] = {}
+    for row in rows:
+        for label, count in row.counts.items():
+            for call, tensors in count.per_tensor_calls.items():
+                calls.setdefault(call, f"{tensors} tensors per outer step of {row.case} ({label})")
+    if calls:
+        lines.append(
+            "foreach calls with a list of 0-d tensors (per-tensor weights, or one weight "
+            "repeated) or of mixed shapes: torch has no overload taking one 0-d device tensor for "
+            "the list (as _foreach_mul_.Tensor does) or one per tensor, so CUDA runs these one "
+            "kernel per tensor:"
+        )
+        lines += [f"  {call}: e.g. {example}" for call, example in calls.items()]
+    return "\n".join(lines)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     names = [case.name for case in benchmark_cases()]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -469,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     print(format_rows(rows, specs, tensors))
     missed = [row.case for row in rows if not row.within_targets]
     print(f"targets missed: {', '.join(missed)}" if missed else "every row meets its targets")
+    print(format_notes(rows))
     print(f"wall time: {time.perf_counter() - began:.0f} s")
     if args.json is not None:
         report = {
