@@ -14,7 +14,11 @@ size W the script reports, per rank:
   plus its updates times O, ``floor/sam`` is the ratio a step with no engine work would have
   to SAM's ``2U + O``, and ``/floor`` is the step over its floor: the engine's own work (under
   FSDP2 a swap of weights is three copies of the shard, not a storage swap) and its small
-  all-reduces (norms, cosines).
+  all-reduces (norms, cosines);
+* operations: the ATen operations and the collectives that one steady-state outer step (a
+  cycle of k calls in switching mode) dispatches outside the closures' passes, counted as in
+  ``scripts/benchmark_ops.py``, under FSDP2 and unsharded. The base optimizers are the
+  multi-tensor (``foreach``) implementations, as on a GPU.
 
     torchrun --nproc_per_node 2 scripts/benchmark_fsdp2.py             # CPU, gloo, ~1 min
     torchrun --nproc_per_node 8 scripts/benchmark_fsdp2.py --device cuda --width 4096 --depth 8
@@ -27,7 +31,10 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -37,6 +44,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_lookbehind import Lookbehind
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmark_ops import Count, OpCounter, calls_per_outer_step, count_outer_step, deep_mlp
 
 MIB = 2**20
 
@@ -52,10 +62,7 @@ METHODS = {
 
 def make_model(width: int, depth: int, classes: int) -> nn.Sequential:
     torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        layers += [nn.Linear(width, width), nn.GELU()]
-    return nn.Sequential(*layers, nn.Linear(width, classes))
+    return deep_mlp(width, depth, classes)
 
 
 def shard(model: nn.Sequential, mesh) -> nn.Sequential:
@@ -88,6 +95,20 @@ def persistent_mib(model: nn.Module, engine: Lookbehind) -> dict[str, float]:
         )
         / MIB,
     }
+
+
+def count_operations(engine: Lookbehind, closure, device: torch.device) -> Count:
+    """The operations of one outer step of ``engine``, from the start of a cycle."""
+    counter = OpCounter()
+    counted = counter.excluding(closure)
+    while engine.cycle_position != 0:
+        engine.step(closure)
+
+    def outer_step() -> None:
+        for _ in range(calls_per_outer_step(engine.settings)):
+            engine.step(counted)
+
+    return count_outer_step(outer_step, counter, warmup=0, cuda=device.type == "cuda")
 
 
 def synchronize(device: torch.device) -> None:
@@ -123,8 +144,8 @@ def main() -> None:
 
     def base_optimizer(params):
         if args.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=0.01, momentum=0.9)
-        return torch.optim.AdamW(params, lr=1e-4)
+            return torch.optim.SGD(params, lr=0.01, momentum=0.9, foreach=True)
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
 
     rows = {}
     for name, (settings, _, _) in METHODS.items():
@@ -146,6 +167,9 @@ def main() -> None:
         for _ in range(args.warmup if sharded else 1):
             engine.step(closure)
         memory[name, sharded] = persistent_mib(model, engine)
+    operations = {
+        key: count_operations(engine, closure, device) for key, (_, engine, closure) in rows.items()
+    }
 
     # U and O on the SAM row's model: one pass, and one update with that pass's gradients.
     _, engine, closure = rows["sam", True]
@@ -206,6 +230,18 @@ def main() -> None:
                 f"{floor[name] / floor['sam']:>10.3f}{median[name] / floor[name]:>8.3f}   "
                 + "; ".join(cells)
             )
+        print(
+            "per outer step (switching: a cycle of k calls), outside the passes: ATen operations "
+            "and collectives under FSDP2, ATen operations unsharded"
+            + ("; CUDA launches under FSDP2" if device.type == "cuda" else "")
+        )
+        for name in METHODS:
+            fsdp2, unsharded = operations[name, True], operations[name, False]
+            launches = f"{fsdp2.launches:>10}" if device.type == "cuda" else ""
+            print(
+                f"{name:<26}{fsdp2.ops:>6} ops{fsdp2.collectives:>4} collectives"
+                f"{unsharded.ops:>6} ops unsharded{launches}"
+            )
         if args.json:
             result = {
                 "world": world,
@@ -216,6 +252,10 @@ def main() -> None:
                 "memory_mib": {
                     f"{name} {'fsdp2' if sharded else 'unsharded'}": mib
                     for (name, sharded), mib in memory.items()
+                },
+                "operations": {
+                    f"{name} {'fsdp2' if sharded else 'unsharded'}": asdict(count)
+                    for (name, sharded), count in operations.items()
                 },
             }
             with open(args.json, "w") as handle:

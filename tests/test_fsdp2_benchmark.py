@@ -1,6 +1,8 @@
 """``scripts/benchmark_fsdp2.py`` at a tiny size in two gloo processes: every persistent term
-per process under FSDP2 is half of the unsharded one (the layers split evenly), and the
-Lookbehind buffers are 1, 2 or 3 parameter copies."""
+per process under FSDP2 is half of the unsharded one (the layers split evenly), the Lookbehind
+buffers are 1, 2 or 3 parameter copies, and an outer step issues one small all-reduce per
+global norm (one per pass and one for the perturbation distance) and three for adaptive alpha,
+none unsharded."""
 
 from __future__ import annotations
 
@@ -17,6 +19,14 @@ BUFFER_COPIES = {
     "lookbehind k=2 adaptive": 3,
     "lookbehind k=5": 2,
     "lookbehind switching k=2": 2,
+}
+# Forward/backward passes of one outer step (switching: a cycle of two calls of two passes).
+PASSES = {
+    "sam": 2,
+    "lookbehind k=2": 3,
+    "lookbehind k=2 adaptive": 3,
+    "lookbehind k=5": 6,
+    "lookbehind switching k=2": 4,
 }
 
 
@@ -38,3 +48,9 @@ def test_benchmark_reports_the_memory_fsdp2_saves(tmp_path):
             assert sharded[term] == pytest.approx(mib / 2), (method, term)
         assert unsharded["lookbehind"] == pytest.approx(copies * unsharded["params"])
         assert result["ms"][method] > 0 and result["floor_ms"][method] > 0
+        sharded = result["operations"][f"{method} fsdp2"]
+        unsharded = result["operations"][f"{method} unsharded"]
+        assert sharded["passes"] == unsharded["passes"] == PASSES[method]
+        norms = PASSES[method] + 1  # the check of every pass, and the perturbation distance
+        assert sharded["collectives"] == norms + (3 if "adaptive" in method else 0), method
+        assert unsharded["collectives"] == 0 and sharded["ops"] > unsharded["ops"] > 0
