@@ -1,6 +1,8 @@
 """The prepared GPU check, run on the CPU at a tiny size: ``scripts/cifar_subset.py`` writes a
-subset that keeps the hub schema, and ``scripts/device_check.sh`` trains SGD, SAM and
-Lookbehind-SAM on it and tabulates what each run wrote (``scripts/summarize_runs.py``)."""
+subset that keeps the hub schema, ``scripts/device_check.sh`` trains SGD, SAM and
+Lookbehind-SAM on it and tabulates what each run wrote (``scripts/summarize_runs.py``), and it
+reports the operations of an outer step (``scripts/benchmark_ops.py``; CUDA kernel launches are
+counted on a GPU only)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def test_device_check_trains_each_method_and_tabulates_the_runs(shared_data, tmp
         "RUNS_DIR": str(runs),
         "DATA": str(data),
         "WHEELS": "",
+        "OPS": "0",
         "BENCHMARK": "0",
         "PRECISION": "",
         "MODEL": "resnet20",
@@ -88,3 +91,37 @@ def test_device_check_trains_each_method_and_tabulates_the_runs(shared_data, tmp
         assert all(ascended) == (method != "sgd")
         alphas = [entry["lookbehind_alpha"] for entry in steps if "lookbehind_alpha" in entry]
         assert (alphas == pytest.approx([0.5] * 6)) == (method == "lookbehind")
+
+
+@pytest.mark.slow
+def test_device_check_reports_the_operations_of_an_outer_step(tmp_path):
+    """The check's first step alone (no training, no timing), on the CPU: the table, with the
+    note that kernel launches are not counted here, and its JSON; a failing first step is
+    reported and the check goes on."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OUT": str(out),
+        "WHEELS": "",
+        "CIFAR": "0",
+        "BENCHMARK": "0",
+        "OPS_FLAGS": "--tiny --device cpu --cases sam,asam",
+    }
+    command = ["bash", str(SCRIPTS / "device_check.sh")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    printed = (out / "ops.txt").read_text()
+    assert "CUDA kernel launches: not counted" in printed and "every row meets" in printed
+    report = json.loads((out / "ops.json").read_text())
+    assert [row["case"] for row in report["rows"]] == ["sam", "asam"]
+    assert all(
+        count["launches"] is None and count["ops"] > 0
+        for row in report["rows"]
+        for count in row["counts"].values()
+    )
+
+    env["OPS_FLAGS"] = "--tiny --cases no_such_case"
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed (exit status 2); the check goes on" in (out / "ops.txt").read_text()
