@@ -2,19 +2,20 @@
 
 On a GPU, what a step costs beyond its passes is kernel launches and host synchronisations. This
 script counts, for one steady-state outer step of every method and mode (after ``--warmup`` outer
-steps, since the first allocates the buffers), every operation the engine and its base optimizer
-dispatch (``TorchDispatchMode``; views excluded, and nothing inside the closures, whose passes
-are the model's own work), on two models with very different numbers of parameter tensors:
-ResNet-34 (110 tensors) and a deep MLP (442 tensors). An engine whose work is done by
-multi-tensor kernels (``torch._foreach_*``, one call per list) issues the same number of
-operations for both; a per-tensor Python loop shows up as a difference.
+steps, since the first allocates the buffers), every ATen operation the engine and its base
+optimizer dispatch (``TorchDispatchMode``; views excluded, and nothing inside the closures, whose
+passes are the model's own work), on two models with very different numbers of parameter
+tensors, both with BatchNorm: ResNet-34 (110 tensors) and a deep MLP (442 tensors). An engine
+whose work is done by multi-tensor kernels (``torch._foreach_*``, one call per list) issues the
+same number of operations for both; a per-tensor Python loop shows up as a difference.
 
-Columns, per model: ``ops`` dispatched operations; ``per-tensor`` the tensors of ``_foreach_*``
+Columns, per model: ``ops`` the ATen operations; ``per-tensor`` the tensors of ``_foreach_*``
 calls whose lists differ in shape or dtype (a list of 0-d weights, say): one call here, but CUDA
 runs such a call one kernel per tensor. On CUDA (``--device cuda``) also ``launches`` (kernel,
 memcpy and memset launches outside the closures, from ``torch.profiler``) and ``syncs`` (host
 synchronisations: stream, event and device synchronisations and blocking copies). Then the
-difference between the two models and the budget of the row.
+difference between the two models and the budget of the row. After the table: for a row that
+misses a target, its operations by source file, and the calls that CUDA runs per tensor.
 
     python scripts/benchmark_ops.py --tiny              # the same tensor counts, tiny widths
     python scripts/benchmark_ops.py                     # full widths (ResNet-34: 21.8M params)
@@ -513,12 +514,10 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     specs = model_specs(args.tiny)
     tensors = [tensor_count(spec) for spec in specs]
     cases = [case for case in benchmark_cases() if case.name in args.cases]
-    began = time.perf_counter()
-    rows = benchmark(cases, specs, args.device, args.warmup)
     print(
         f"device: {device_name(args.device)} | torch {torch.__version__} | base optimizer: SGD "
         "(momentum 0.9, weight decay 5e-4, foreach=True)\n"
-        "ops per outer step (switching and lookahead: a cycle of k calls), views and the "
+        "ATen ops per outer step (switching and lookahead: a cycle of k calls), views and the "
         f"closures' passes excluded, after {args.warmup} warm-up outer step(s); m-SAM: "
         f"{MICRO_BATCHES} micro-batches\n"
         "per-tensor: tensors of foreach calls with lists of unequal shapes (CUDA: one kernel "
@@ -530,8 +529,11 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
             else "CUDA kernel launches: not counted (no CUDA device in this run)"
         )
         + f"\ntargets: the models differ by <= {MAX_MODEL_DIFFERENCE} ops; budgets: "
-        + ", ".join(f"{name} <= {ops}" for name, ops in BUDGETS.items())
+        + ", ".join(f"{name} <= {ops}" for name, ops in BUDGETS.items()),
+        flush=True,
     )
+    began = time.perf_counter()
+    rows = benchmark(cases, specs, args.device, args.warmup)
     print(format_rows(rows, specs, tensors))
     missed = [row.case for row in rows if not row.within_targets]
     print(f"targets missed: {', '.join(missed)}" if missed else "every row meets its targets")
