@@ -32,9 +32,7 @@ BUFFER_COPIES = {
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     output_dir = tmp_path_factory.mktemp("fsdp2_engine")
-    run_two_processes(
-        HARNESS, [str(output_dir)], "torchrun", env={"PYTHONPATH": str(HARNESS.parent)}
-    )
+    run_two_processes(HARNESS, [str(output_dir)], "torchrun", pythonpath=[HARNESS.parent])
     return [json.loads((output_dir / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
 
 

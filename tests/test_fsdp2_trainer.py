@@ -46,7 +46,7 @@ def launched(tmp_path_factory) -> tuple[Path, list[dict]]:
         HARNESS,
         [str(output_dir)],
         "accelerate",
-        env={"PYTHONPATH": str(HARNESS.parent)},
+        pythonpath=[HARNESS.parent],
         config=FSDP2_CONFIG,
     )
     ranks = [json.loads((output_dir / f"trainer_rank{r}.json").read_text()) for r in (0, 1)]

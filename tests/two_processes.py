@@ -26,10 +26,12 @@ def run_two_processes(
     launcher: str = "accelerate",
     env: dict | None = None,
     config: Path = MULTI_GPU_CONFIG,
+    pythonpath: Sequence[Path] = (),
 ) -> None:
     """Run ``script args`` in two processes (one thread each) with ``torchrun`` or ``accelerate
     launch`` and an accelerate config (the repository's multi-GPU one by default), on a free
-    port; fail with the tail of its stderr."""
+    port; fail with the tail of its stderr. ``env`` is added to this process's environment and
+    ``pythonpath`` put in front of its ``PYTHONPATH`` (which keeps a source checkout on it)."""
     port = str(free_port())
     if launcher == "torchrun":
         prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
@@ -40,5 +42,8 @@ def run_two_processes(
         ]  # fmt: skip
     command = [sys.executable, *prefix, str(script), *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    paths = [*map(str, pythonpath), environment.get("PYTHONPATH", "")]
+    if any(paths):
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
