@@ -26,6 +26,12 @@ def decode_images(dataset: Dataset, image_column: str) -> torch.Tensor:
     return rgb.with_format("torch", columns=[image_column])[:][image_column]
 
 
+def to_inputs(images: torch.Tensor, normalization: Stats) -> torch.Tensor:
+    """uint8 images -> float32 inputs in [0, 1], normalised per channel with ``(mean, std)``."""
+    mean, std = normalization
+    return normalize(to_dtype(images, torch.float32, scale=True), mean, std)
+
+
 def random_crop_flip(
     images: torch.Tensor, padding: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -79,7 +85,7 @@ class CifarTensorDataset(TorchDataset):
         images = self.images[indices]
         if self.augment:
             images = random_crop_flip(images, self.padding)
-        pixels = normalize(to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+        pixels = to_inputs(images, (self.mean, self.std))
         labels = self.labels[indices]
         return [{"pixel_values": p, "labels": y} for p, y in zip(pixels, labels)]
 

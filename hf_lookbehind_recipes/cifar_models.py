@@ -1,4 +1,4 @@
-"""CIFAR models used by the recipes and the analysis tools.
+"""CIFAR models of the recipes and scripts.
 
 - ResNet-8/20/56 (He et al. 2016, option-A shortcuts: a parameter-free, zero-padded, stride-2
   identity), with state-dict keys that load the pretrained checkpoints in
@@ -8,7 +8,9 @@
   with a 3x3 stride-1 stem and no max-pool, so the 32x32 input reaches the last stage at 4x4.
 - WRN-28-2 and WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation wide basic blocks.
 
-``CIFAR_MODELS`` maps the recipe's ``--model_name`` to a constructor ``(num_classes) -> model``.
+``CIFAR_MODELS`` maps the recipe's ``--model_name`` to a constructor ``(num_classes) -> model``;
+``load_pretrained_resnet`` serves the analysis tools as ``--model_factory
+hf_lookbehind_recipes.cifar_models:load_pretrained_resnet``.
 """
 
 from __future__ import annotations

@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 
 import torch
-from cifar_data import CifarTensorDataset
 from torch.utils.data import Subset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .cifar_data import CifarTensorDataset
 
 NOISE_FITTED = "noise_fitted"
 CLEAN_TRAIN_ACCURACY = "clean_train_accuracy"

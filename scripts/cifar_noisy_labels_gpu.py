@@ -18,12 +18,13 @@ training examples predicted with their noisy label) and ``clean_train_accuracy``
 training per epoch and their ratio to SGD's (the step-time ratio: every epoch has the same
 steps). It goes to stdout and to ``summary.md``/``summary.json`` in ``--output_dir``.
 
-On the GPU machine, after ``bash scripts/prepare_device_check.sh`` here (``.device_data``: the
-CIFAR-10 parquet files; ``.whl``: the Python packages the GPU image lacks), carrying both:
+On a GPU machine without the package installed: ``bash scripts/prepare_device_check.sh`` writes
+``.device_data`` (the CIFAR-10 parquet files) and ``.whl`` (the Python packages a bare GPU image
+lacks); copy the checkout with both folders to the GPU machine and run there, from its root:
 
     python3 -m pip install -q --no-deps --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 scripts/cifar_noisy_labels_gpu.py \\
-        --data_dir .device_data/cifar10 --output_dir "$OUT"
+    PYTHONPATH=/tmp/site:$PWD python3 scripts/cifar_noisy_labels_gpu.py \\
+        --data_dir .device_data/cifar10 --output_dir out/cifar_noisy_labels
 
     python scripts/cifar_noisy_labels_gpu.py --tiny   # the same pipeline on the CPU, < 1 min
 """
@@ -34,7 +35,6 @@ import argparse
 import gc
 import json
 import math
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -43,17 +43,13 @@ from pathlib import Path
 
 import psutil
 import torch
+from summarize_runs import summarize
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
-# hf_lookbehind from this checkout where the package is not installed (the GPU machine)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from label_noise import CLEAN_TRAIN_ACCURACY, NOISE_FITTED
-from run_cifar import CifarData, load_cifar_data, parse_arguments, train_cifar
-from summarize_runs import summarize
-
 from hf_lookbehind.analysis.sweep import read_metric
+from hf_lookbehind_recipes.cifar import CifarData, load_cifar_data, parse_arguments, train_cifar
+from hf_lookbehind_recipes.label_noise import CLEAN_TRAIN_ACCURACY, NOISE_FITTED
+from hf_lookbehind_recipes.tables import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -173,15 +169,16 @@ def tabulate(run_dirs: dict[str, str], epochs: int) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += [
-        f"| {r['run']} | {r['epochs']} | {100 * r['eval_accuracy']:.2f} "
-        f"| {100 * r['best_eval_accuracy']:.2f} | {100 * r[NOISE_FITTED]:.2f} "
-        f"| {100 * r[CLEAN_TRAIN_ACCURACY]:.2f} | {r['train_seconds_per_epoch']:.2f} "
-        f"| {r['time_vs_first']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        COLUMNS,
+        [
+            (r["run"], r["epochs"], f"{100 * r['eval_accuracy']:.2f}",
+             f"{100 * r['best_eval_accuracy']:.2f}", f"{100 * r[NOISE_FITTED]:.2f}",
+             f"{100 * r[CLEAN_TRAIN_ACCURACY]:.2f}", f"{r['train_seconds_per_epoch']:.2f}",
+             f"{r['time_vs_first']:.2f}")
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up the package and runs the main job on its built-in default dataset.
+# Sets up the package and runs the main job, the noisy-label benchmark, on its built-in default
+# dataset (scikit-learn's digits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --quiet --disable-pip-version-check -e ".[examples]"
-python3 examples/quickstart/run_quickstart.py "$@"
+python3 examples/noisy_labels/run_noisy_labels.py "$@"

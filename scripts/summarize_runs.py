@@ -26,6 +26,7 @@ from pathlib import Path
 from hf_lookbehind.analysis.cli import labelled
 from hf_lookbehind.analysis.curves import load_log_history, training_curves
 from hf_lookbehind.analysis.sweep import read_metric
+from hf_lookbehind_recipes.tables import markdown_table
 
 COLUMNS = ("eval_accuracy", "best_eval_accuracy", "train_seconds_per_epoch")
 TRANSLATION_COLUMNS = ("eval_bleu", "test_bleu", "test_sacrebleu", "eval_loss")
@@ -109,62 +110,52 @@ def _cell(row: dict, column: str, scale: float, digits: int) -> str:
 
 def cifar_markdown(rows: list[dict]) -> str:
     baseline = rows[0]["median_seconds_per_epoch"]
-    lines = [
-        "| run | seeds | final acc | best acc | s/epoch (median) | time vs first "
-        "| last train loss |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r['run']} | {', '.join(map(str, r['seeds']))} | {_cell(r, 'eval_accuracy', 100, 2)} "
-        f"| {_cell(r, 'best_eval_accuracy', 100, 2)} "
-        f"| {_cell(r, 'median_seconds_per_epoch', 1, 1)} "
-        f"| {r['median_seconds_per_epoch'] / baseline:.2f} "
-        f"| {_cell(r, 'last_train_loss', 1, 3)} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+    header = ("run", "seeds", "final acc", "best acc", "s/epoch (median)", "time vs first",
+              "last train loss")  # fmt: skip
+    return markdown_table(
+        header,
+        [
+            (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_accuracy", 100, 2),
+             _cell(r, "best_eval_accuracy", 100, 2), _cell(r, "median_seconds_per_epoch", 1, 1),
+             f"{r['median_seconds_per_epoch'] / baseline:.2f}", _cell(r, "last_train_loss", 1, 3))
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def translation_markdown(rows: list[dict]) -> str:
-    lines = [
-        "| run | seeds | BLEU val | BLEU test | sacreBLEU test | val loss | s/step |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r['run']} | {', '.join(map(str, r['seeds']))} | {_cell(r, 'eval_bleu', 1, 2)} "
-        f"| {_cell(r, 'test_bleu', 1, 2)} | {_cell(r, 'test_sacrebleu', 1, 2)} "
-        f"| {_cell(r, 'eval_loss', 1, 3)} | {_cell(r, 'seconds_per_step', 1, 2)} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+    header = ("run", "seeds", "BLEU val", "BLEU test", "sacreBLEU test", "val loss", "s/step")
+    return markdown_table(
+        header,
+        [
+            (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_bleu", 1, 2),
+             _cell(r, "test_bleu", 1, 2), _cell(r, "test_sacrebleu", 1, 2),
+             _cell(r, "eval_loss", 1, 3), _cell(r, "seconds_per_step", 1, 2))
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def curve_markdown(rows: list[dict], key: str) -> str:
     steps = sorted({int(c) for row in rows for c in row["per_seed"][0]})
-    lines = [
-        f"| {key} at step | " + " | ".join(map(str, steps)) + " |",
-        "| --- |" + " --- |" * len(steps),
-    ]
-    lines += [
-        f"| {row['run']} | "
-        + " | ".join(f"{row[str(step)]:.3f}" if str(step) in row else "" for step in steps)
-        + " |"
-        for row in rows
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        (f"{key} at step", *map(str, steps)),
+        [
+            (row["run"], *(f"{row[str(step)]:.3f}" if str(step) in row else "" for step in steps))
+            for row in rows
+        ],
+    )
 
 
 def markdown(rows: list[dict[str, float | str]]) -> str:
-    lines = [
-        "| run | final acc | best acc | s/epoch | time vs first |",
-        "| --- | --- | --- | --- | --- |",
-    ]
-    lines += [
-        f"| {r['run']} | {100 * r['eval_accuracy']:.2f} | {100 * r['best_eval_accuracy']:.2f} "
-        f"| {r['train_seconds_per_epoch']:.2f} | {r['time_vs_first']:.2f} |"
-        for r in rows
-    ]
-    return "\n".join(lines)
+    return markdown_table(
+        ("run", "final acc", "best acc", "s/epoch", "time vs first"),
+        [
+            (r["run"], f"{100 * r['eval_accuracy']:.2f}", f"{100 * r['best_eval_accuracy']:.2f}",
+             f"{r['train_seconds_per_epoch']:.2f}", f"{r['time_vs_first']:.2f}")
+            for r in rows
+        ],
+    )  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,16 +1,28 @@
 """Shared fixtures: a tiny float64 model with BatchNorm, a frozen parameter and a parameter that
-never receives a gradient, and deterministic minibatches."""
+never receives a gradient, and deterministic minibatches.
+
+The recipes (``examples/<recipe>/run_*.py`` with the modules beside them) and ``scripts/`` are
+scripts, not packages: running one puts its folder first on ``sys.path``, which is how it
+imports its neighbours. :data:`SCRIPT_FOLDERS` go on ``sys.path`` here, once, so that the tests
+import them by name too (``from run_lifelong import main``); what the recipes share is the
+installed ``hf_lookbehind_recipes`` package.
+"""
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+RECIPES = ("cifar", "image_classification", "lifelong", "noisy_labels", "translation")
+SCRIPT_FOLDERS = [ROOT / "scripts", *(ROOT / "examples" / recipe for recipe in RECIPES)]
+sys.path[:0] = [str(folder) for folder in SCRIPT_FOLDERS if str(folder) not in sys.path]
 
 # The suite's models are tiny: one intra-op thread is fastest and keeps the two-process tests
 # from oversubscribing a small CI machine.

@@ -4,7 +4,6 @@ pretrained ResNet-20 and with a (tiny, local) Hugging Face image classifier."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,9 @@ import torch
 from hf_lookbehind.analysis import m_sharpness
 from hf_lookbehind.analysis.cli import noise_main, sharpness_main
 from hf_lookbehind.analysis.data import image_classification_loader, load_split
+from hf_lookbehind_recipes.cifar_models import load_pretrained_resnet
 
-EXAMPLES_CIFAR = Path(__file__).resolve().parents[1] / "examples" / "cifar"
-FACTORY = f"{EXAMPLES_CIFAR / 'cifar_models.py'}:load_pretrained_resnet"
+FACTORY = "hf_lookbehind_recipes.cifar_models:load_pretrained_resnet"
 
 
 @pytest.fixture
@@ -34,9 +33,6 @@ def test_sharpness_command_line_matches_the_function(tmp_path, shared_data, cifa
     assert list(written) == ["r20"]
     assert (tmp_path / "sharpness.png").stat().st_size > 0
     assert written["r20"]["batch_size"] == 8 and written["r20"]["num_batches"] == 2
-
-    sys.path.insert(0, str(EXAMPLES_CIFAR))
-    from cifar_models import load_pretrained_resnet
 
     model, _ = load_pretrained_resnet(checkpoint)
     batches = image_classification_loader(

@@ -191,7 +191,6 @@ def test_real_cifar_runs_count_one_two_and_three_passes_per_step(shared_data, tm
     """SGD, SAM and Lookbehind-SAM (k = 2) for 4 steps (2 epochs of 2 batches, an evaluation
     after each): the evaluations carry 2/4, 4/8 and 6/12 passes; SAM with 2 accumulated
     micro-batches per step still counts 2 per step."""
-    sys.path.insert(0, str(ROOT / "examples" / "cifar"))
     from run_cifar import main
 
     cifar = shared_data / "cifar10"

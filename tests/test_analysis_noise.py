@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,8 +16,8 @@ from hf_lookbehind.analysis import (
     recalibrate_batchnorm,
 )
 from hf_lookbehind.analysis.data import image_classification_loader, load_split
+from hf_lookbehind_recipes.cifar_models import load_pretrained_resnet
 
-EXAMPLES_CIFAR = Path(__file__).resolve().parents[1] / "examples" / "cifar"
 CHECKPOINT_NORMALIZATION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
@@ -104,9 +102,6 @@ def test_bad_arguments_are_rejected():
 
 @pytest.mark.slow
 def test_pretrained_resnet20_loses_accuracy_under_large_noise(shared_data):
-    sys.path.insert(0, str(EXAMPLES_CIFAR))
-    from cifar_models import load_pretrained_resnet
-
     model, _ = load_pretrained_resnet(shared_data / "pretrained_cifar10_resnet" / "resnet20.th")
     cifar = shared_data / "cifar10"
     test = load_split(str(cifar / "test.parquet"), "test")

@@ -128,3 +128,6 @@ def test_sweep_command_line_passes_extra_arguments(tmp_path):
     sweep_main(["--output_root", str(root), "--collect_only"])
     collected = json.loads((root / "sweep.json").read_text())
     assert collected["values"] == written["values"] and "relative" not in collected
+    with pytest.raises(SystemExit):  # launching needs the command of a run
+        sweep_main(["--output_root", str(tmp_path / "other"), "--alphas", "0.5", "--ks", "2"])
+    assert not (tmp_path / "other").exists()

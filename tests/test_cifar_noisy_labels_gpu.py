@@ -10,9 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
 from cifar_noisy_labels_gpu import BUDGET_MARGIN, RunCost, epochs_within_budget, main
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar_noisy_labels_gpu.py"

@@ -4,7 +4,6 @@ recipe defaults to the paper's choice."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,11 +11,7 @@ import torch
 from torch import nn
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
-
-from run_cifar import argument_parser
+from hf_lookbehind_recipes.cifar import argument_parser
 
 WEIGHT_DECAY = 5e-4
 

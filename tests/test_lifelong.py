@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import math
 import re
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lifelong"))
-
 from episodic_memory import ReservoirMemory
 from lifelong_data import LifelongDataArguments, class_order, split_into_tasks
 from lifelong_metrics import average_accuracy, forgetting, format_table, summarize_seeds
 from lifelong_models import MultiHeadCNN
+from PIL import Image
 from run_lifelong import Learner, MethodArguments, build_parser
 
 # a[t][tau]: rows after training task t, columns task tau

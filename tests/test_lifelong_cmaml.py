@@ -6,17 +6,11 @@ first-order."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from cmaml import cmaml_outer_step
 from torch import nn
 from torch.autograd.functional import hessian, jacobian
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lifelong"))
-
-from cmaml import cmaml_outer_step
 
 TASKS, CLASSES, INPUTS, HIDDEN = 2, 2, 4, 3
 

@@ -6,14 +6,9 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "lifelong"))
-
 from lifelong_metrics import forgetting
 from run_lifelong import main
 

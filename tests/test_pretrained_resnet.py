@@ -1,5 +1,6 @@
-"""The pretrained CIFAR-10 ResNet-20/56 (``cifar_models.load_pretrained_resnet``) classify the
-shared CIFAR-10 test images with the checkpoints' normalisation nearly as well as they record.
+"""The pretrained CIFAR-10 ResNet-20/56 (``load_pretrained_resnet`` of
+``hf_lookbehind_recipes.cifar_models``) classify the shared CIFAR-10 test images with the
+checkpoints' normalisation nearly as well as they record.
 
 Measured on the first 2,000 test images of the JPEG copy: ResNet-20 80.85%, ResNet-56 83.75%
 (all 10,000: 81.03% and 83.20%), against the 91.78% and 93.62% the checkpoints record on the
@@ -8,17 +9,12 @@ the measured accuracies."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import datasets
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
-
-from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images
-from cifar_models import CifarResNetA, load_pretrained_resnet
+from hf_lookbehind_recipes.cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images
+from hf_lookbehind_recipes.cifar_models import CifarResNetA, load_pretrained_resnet
 
 TEST_IMAGES = 2000
 

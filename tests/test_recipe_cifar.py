@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import datasets
@@ -16,22 +15,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from run_cifar import main
+from safetensors.torch import load_file
 from torch import nn
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "cifar"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
-
-from cifar_data import NORMALIZATIONS, CifarTensorDataset, decode_images, random_crop_flip
-from cifar_models import CIFAR_MODELS, create_cifar_model
-from image_classification_utils import ImageClassifier, load_image_splits, top_k_accuracy
-from label_noise import NoisyLabelMonitor, symmetric_label_noise
-from run_cifar import CifarDataArguments, cifar_dataset, load_cifar_data, main
-from safetensors.torch import load_file
 from two_processes import run_two_processes
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind_recipes.cifar import CifarDataArguments, cifar_dataset, load_cifar_data
+from hf_lookbehind_recipes.cifar_data import (
+    NORMALIZATIONS,
+    CifarTensorDataset,
+    decode_images,
+    random_crop_flip,
+)
+from hf_lookbehind_recipes.cifar_models import CIFAR_MODELS, create_cifar_model
+from hf_lookbehind_recipes.classifier import ImageClassifier
+from hf_lookbehind_recipes.evaluation import top_k_accuracy
+from hf_lookbehind_recipes.image_data import load_image_splits
+from hf_lookbehind_recipes.label_noise import NoisyLabelMonitor, symmetric_label_noise
 
 # Parameter counts (10 classes) of the implementations the paper's numbers come from: the
 # kuangliu CIFAR ResNets of the Lookbehind-SAM code, the xternalz / Zagoruyko WideResNets and

@@ -6,7 +6,6 @@ download)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,13 @@ import pytest
 import torch
 from datasets import Image
 from PIL.Image import Resampling
+from run_image_classification import (
+    ModelArguments,
+    architecture_overrides,
+    create_model,
+    main,
+    processor_data_config,
+)
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -22,16 +28,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
-
-from image_classification_utils import DataArguments, load_image_splits
-from run_image_classification import (
-    ModelArguments,
-    architecture_overrides,
-    create_model,
-    main,
-    processor_data_config,
-)
+from hf_lookbehind_recipes.image_data import DataArguments, load_image_splits
 
 TINY_VIT = '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}'
 

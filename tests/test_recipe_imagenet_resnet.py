@@ -8,24 +8,16 @@ from __future__ import annotations
 import json
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from run_image_classification import RECIPES, create_model, main, parse_arguments
 from torchvision.transforms import v2
 
 from hf_lookbehind import Lookbehind
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "image_classification"))
-
-from image_classification_utils import (
-    DataArguments,
-    LearningRateArguments,
-    MultiStepLRTrainer,
-    load_image_splits,
-)
-from run_image_classification import create_model, main, parse_arguments
+from hf_lookbehind_recipes.image_data import DataArguments, load_image_splits
+from hf_lookbehind_recipes.learning_rate import LearningRateArguments, MultiStepLRTrainer
 
 RECIPE = ("--recipe", "resnet18_scratch")
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +200,21 @@ def test_sam_baseline_in_both_recipes(tmp_path):
     args = parse_arguments(["--output_dir", str(tmp_path)])[3]  # the ViT default: Lookbehind
     assert (args.lookbehind_method, args.minibatch_switching) == ("lookbehind", True)
     assert passes_per_step(args) == 2  # one inner step of k = 2 with switching
+
+
+@pytest.mark.parametrize("recipe", ["vit_finetune", "resnet18_scratch"])
+@pytest.mark.parametrize("method", ["none", "sam", "multistep", "lookahead", "lookbehind"])
+def test_every_method_runs_with_the_recipe_defaults(tmp_path, recipe, method):
+    """A recipe's defaults that ``--lookbehind_method`` does not read are left unset (the
+    Trainer would refuse them), those it reads are kept."""
+    argv = ["--recipe", recipe, "--lookbehind_method", method, "--output_dir", str(tmp_path)]
+    args = parse_arguments(argv)[3]
+    assert args.lookbehind_method == method
+    assert args.rho == (None if method == "none" else RECIPES[recipe]["rho"])
+    kept_alpha = method in ("lookahead", "lookbehind")
+    assert args.lookbehind_alpha == (RECIPES[recipe]["lookbehind_alpha"] if kept_alpha else None)
+    switching = RECIPES[recipe]["minibatch_switching"] and method == "lookbehind"
+    assert args.minibatch_switching == switching
 
 
 def test_readme_quotes_table_1_of_the_paper(shared_data):

@@ -4,13 +4,9 @@ the mean and each seed's value, the median epoch time, and the translation colum
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-
 from summarize_runs import main
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,23 +46,21 @@ from transformers import (
 )
 
 from hf_lookbehind import LookbehindTrainingArguments
-from hf_lookbehind.settings import ALPHA_METHODS
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from image_classification_utils import (
+from hf_lookbehind_recipes.classifier import ImageClassifier
+from hf_lookbehind_recipes.evaluation import top_k_accuracy, track_best_accuracy
+from hf_lookbehind_recipes.image_data import (
     DataArguments,
-    ImageClassifier,
-    LearningRateArguments,
-    create_trainer,
     image_and_label_columns,
     load_image_splits,
     num_classes,
-    scale_learning_rate,
-    top_k_accuracy,
-    track_best_accuracy,
-    train_and_evaluate,
 )
+from hf_lookbehind_recipes.learning_rate import (
+    LearningRateArguments,
+    create_trainer,
+    scale_learning_rate,
+)
+from hf_lookbehind_recipes.methods import unread_flags
+from hf_lookbehind_recipes.training import train_and_evaluate
 
 # The paper's fine-tuning setup where it states it; the learning rate, its cosine schedule and
 # the batch size are this recipe's choice. Every entry can be overridden on the command line.
@@ -250,16 +247,15 @@ class ImageNetDataArguments(DataArguments):
 
 def recipe_defaults(argv: Sequence[str] | None) -> dict[str, Any]:
     """The defaults of the ``--recipe`` named on the command line (``vit_finetune`` if none),
-    without its alpha when ``--lookbehind_method`` names a method that has none (the engine
-    refuses a setting it would not read)."""
+    without those that the ``--lookbehind_method`` it names does not read (the Trainer refuses
+    a setting that would have no effect)."""
     reader = argparse.ArgumentParser(add_help=False)
     reader.add_argument("--recipe", choices=list(RECIPES), default="vit_finetune")
     reader.add_argument("--lookbehind_method")
     named = reader.parse_known_args(argv)[0]
-    defaults = dict(RECIPES[named.recipe])
-    if (named.lookbehind_method or defaults["lookbehind_method"]) not in ALPHA_METHODS:
-        defaults.pop("lookbehind_alpha")
-    return defaults
+    defaults = RECIPES[named.recipe]
+    unread = unread_flags(named.lookbehind_method or defaults["lookbehind_method"])
+    return {name: value for name, value in defaults.items() if name not in unread}
 
 
 def architecture_overrides(model_config: str | None) -> dict[str, Any]:
@@ -414,7 +410,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         compute_metrics=top_k_accuracy(TOP_K),
         processing_class=processor,
     )
-    return train_and_evaluate(trainer, training_args)
+    return train_and_evaluate(trainer)
 
 
 if __name__ == "__main__":

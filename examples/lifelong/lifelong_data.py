@@ -5,24 +5,13 @@ images are decoded once into uint8 tensors (only the examples the run uses)."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torchvision.transforms.v2.functional import normalize, to_dtype
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cifar"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "image_classification"))
-
-from cifar_data import NORMALIZATIONS, Stats, decode_images
-from image_classification_utils import (
-    DataArguments,
-    image_and_label_columns,
-    load_image_splits,
-    num_classes,
-)
+from hf_lookbehind_recipes.cifar_data import decode_images
+from hf_lookbehind_recipes.image_data import DataArguments, image_and_label_columns, num_classes
 
 
 @dataclass(frozen=True)
@@ -31,7 +20,7 @@ class Benchmark:
     num_tasks: int
     classes_per_task: int
     architecture: str  # lifelong_models.ARCHITECTURES
-    normalization: str  # cifar_data.NORMALIZATIONS
+    normalization: str  # hf_lookbehind_recipes.cifar_data.NORMALIZATIONS
     label_column: str | None = None
     eval_split: str | None = None
 
@@ -154,20 +143,3 @@ def split_into_tasks(
         )
         tasks.append(TaskData(classes, *train_part, *test_part))
     return tasks, order
-
-
-def to_inputs(images: torch.Tensor, normalization: Stats) -> torch.Tensor:
-    """uint8 images -> normalised float32 inputs."""
-    mean, std = normalization
-    return normalize(to_dtype(images, torch.float32, scale=True), mean, std)
-
-
-__all__ = [
-    "BENCHMARKS",
-    "NORMALIZATIONS",
-    "LifelongDataArguments",
-    "TaskData",
-    "load_image_splits",
-    "split_into_tasks",
-    "to_inputs",
-]

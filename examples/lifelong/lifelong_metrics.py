@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hf_lookbehind_recipes.tables import markdown_table
+
 
 def average_accuracy(matrix: Sequence[Sequence[float]]) -> float:
     """Mean accuracy over all tasks after the last one (the matrix's last row)."""
@@ -49,22 +51,25 @@ def summarize_seeds(runs: Sequence[dict]) -> dict[str, float]:
 
 def format_table(rows: Sequence[tuple[str, dict]]) -> str:
     """A markdown table: one row per (label, summary), accuracies in percent."""
-    lines = [
-        "| method | avg. accuracy (%) | forgetting (%) | seeds | wall s / seed | CPU s / seed |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    header = ("method", "avg. accuracy (%)", "forgetting (%)", "seeds", "wall s / seed",
+              "CPU s / seed")  # fmt: skip
+    lines = []
     for label, result in rows:
         summary = result["summary"]
         walls = [run["wall_seconds"] for run in result["runs"]]
         cpu = [run.get("cpu_seconds", math.nan) for run in result["runs"]]
         lines.append(
-            f"| {label} | {100 * summary['average_accuracy_mean']:.2f} ± "
-            f"{100 * summary['average_accuracy_std']:.2f} | "
-            f"{100 * summary['forgetting_mean']:.2f} ± {100 * summary['forgetting_std']:.2f} | "
-            f"{', '.join(str(run['seed']) for run in result['runs'])} | "
-            f"{np.mean(walls):.0f} | {np.mean(cpu):.0f} |"
+            (
+                label,
+                f"{100 * summary['average_accuracy_mean']:.2f} ± "
+                f"{100 * summary['average_accuracy_std']:.2f}",
+                f"{100 * summary['forgetting_mean']:.2f} ± {100 * summary['forgetting_std']:.2f}",
+                ", ".join(str(run["seed"]) for run in result["runs"]),
+                f"{np.mean(walls):.0f}",
+                f"{np.mean(cpu):.0f}",
+            )
         )
-    return "\n".join(lines)
+    return markdown_table(header, lines)
 
 
 def plot_accuracy_matrix(matrix: Sequence[Sequence[float]], title: str, path: Path) -> None:

@@ -16,7 +16,6 @@ accuracy and forgetting per seed, mean ± std), prints a table and draws a heatm
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,23 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser, set_seed
-
-from hf_lookbehind import Lookbehind
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from cmaml import cmaml_outer_step
 from episodic_memory import ReservoirMemory
-from lifelong_data import (
-    BENCHMARKS,
-    NORMALIZATIONS,
-    LifelongDataArguments,
-    TaskData,
-    load_image_splits,
-    split_into_tasks,
-    to_inputs,
-)
+from lifelong_data import BENCHMARKS, LifelongDataArguments, TaskData, split_into_tasks
 from lifelong_metrics import (
     average_accuracy,
     forgetting,
@@ -49,6 +34,11 @@ from lifelong_metrics import (
     summarize_seeds,
 )
 from lifelong_models import MultiHeadCNN
+from transformers import HfArgumentParser, set_seed
+
+from hf_lookbehind import Lookbehind
+from hf_lookbehind_recipes.cifar_data import NORMALIZATIONS, to_inputs
+from hf_lookbehind_recipes.image_data import load_image_splits
 
 # --method -> the engine's method (None: the plain SGD base optimizer)
 ENGINE_METHODS = {

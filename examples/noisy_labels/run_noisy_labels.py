@@ -1,10 +1,10 @@
-"""Trainer quickstart: SGD vs SAM vs Lookbehind-SAM on digits with noisy training labels.
+"""Noisy-label benchmark: SGD vs SAM vs Lookbehind-SAM on digits with noisy training labels.
 
 Trains a small network on scikit-learn's handwritten digits (1,797 8x8 images shipped with
 scikit-learn: no download) with each method, evaluates on a held-out 30 % after every epoch
-and prints, per method, the mean ± std over seeds of the final and the best test accuracy, the
-test loss, the share of the mislabelled training images whose wrong label the model has
-memorised ("noisy fit"), and the seconds of training.
+and prints a markdown table of, per method, the mean ± std over seeds of the final and the best
+test accuracy, the test loss, the share of the mislabelled training images whose wrong label the
+model has memorised ("noisy fit"), and the seconds of training.
 
 By default 30 % of the training labels are replaced by a class drawn uniformly at random
 (``--label_noise``; the test labels stay clean) and the models train long enough to memorise
@@ -27,19 +27,18 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import EvalPrediction, HfArgumentParser
+from transformers import HfArgumentParser
 
-from hf_lookbehind import EpochTimer, LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind.settings import DEFAULT_ALPHA
+from hf_lookbehind_recipes.classifier import ImageClassifier
+from hf_lookbehind_recipes.evaluation import check_evaluation_flags, top_k_accuracy
+from hf_lookbehind_recipes.label_noise import check_noise_fraction
+from hf_lookbehind_recipes.methods import unread_flags
+from hf_lookbehind_recipes.tables import markdown_table
+from hf_lookbehind_recipes.training import train_timed
 
 NUM_CLASSES = 10
-
-# Flags that only Lookbehind reads: the SGD and SAM runs take their defaults instead.
-LOOKBEHIND_ONLY = (
-    "lookbehind_k",
-    "lookbehind_alpha",
-    "adaptive_alpha_scope",
-    "minibatch_switching",
-)
 
 # Method name: the trainer flags it sets (the other flags come from the command line).
 METHODS = {
@@ -51,7 +50,7 @@ METHODS = {
 
 
 @dataclass
-class QuickstartArguments:
+class NoisyLabelsArguments:
     test_fraction: float = field(default=0.3, metadata={"help": "Held-out share of digits."})
     hidden_size: int = field(default=256, metadata={"help": "Width of the hidden layer."})
     label_noise: float = field(
@@ -72,8 +71,7 @@ class QuickstartArguments:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.label_noise < 1.0:
-            raise ValueError(f"--label_noise must be in [0, 1), got {self.label_noise}")
+        check_noise_fraction(self.label_noise)
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"--test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.seeds < 1:
@@ -97,25 +95,15 @@ class DigitsDataset(Dataset):
         return {"pixel_values": self.images[index], "labels": self.labels[index]}
 
 
-class DigitsClassifier(nn.Module):
-    """An MLP with BatchNorm and dropout that returns ``{"loss", "logits"}`` like a
-    transformers model."""
-
-    def __init__(self, hidden_size: int) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(64, hidden_size),
-            nn.BatchNorm1d(hidden_size),
-            nn.ReLU(),
-            nn.Dropout(0.1),
-            nn.Linear(hidden_size, NUM_CLASSES),
-        )
-
-    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None):
-        logits = self.layers(pixel_values)
-        if labels is None:
-            return {"logits": logits}
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+def digits_network(hidden_size: int) -> nn.Module:
+    """An MLP with BatchNorm and dropout from the 64 pixels to the class logits."""
+    return nn.Sequential(
+        nn.Linear(64, hidden_size),
+        nn.BatchNorm1d(hidden_size),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden_size, NUM_CLASSES),
+    )
 
 
 def noisy_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -128,34 +116,14 @@ def noisy_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return noisy
 
 
-def accuracy(prediction: EvalPrediction) -> dict[str, float]:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
-
-
 def method_arguments(args: LookbehindTrainingArguments, method: str) -> LookbehindTrainingArguments:
-    """The command line's arguments with ``method``'s flags; SGD and SAM runs take the defaults
-    of the Lookbehind-only flags, so e.g. ``--lookbehind_alpha adaptive`` reaches Lookbehind
-    alone."""
-    flags = dict(METHODS[method])
-    if not method.startswith("lookbehind"):
-        defaults = {f.name: f.default for f in dataclasses.fields(LookbehindTrainingArguments)}
-        flags = {name: defaults[name] for name in LOOKBEHIND_ONLY} | flags
-    return dataclasses.replace(args, **flags)
-
-
-def check_evaluation_settings(args: LookbehindTrainingArguments) -> None:
-    """Reject, before any training, the settings under which the evaluation after training
-    would fail: it reports the test accuracy and loss, and reads the predictions."""
-    if args.prediction_loss_only:
-        raise ValueError(
-            "--prediction_loss_only leaves no predictions to score: drop --prediction_loss_only"
-        )
-    chosen = args.metric_for_best_model
-    if chosen is not None and chosen.removeprefix("eval_") not in ("loss", "accuracy"):
-        raise ValueError(
-            f"--metric_for_best_model {chosen} is not among the evaluation's metrics "
-            "(loss, accuracy): pick one of them"
-        )
+    """The command line's arguments with ``method``'s flags; each run leaves unset the flags its
+    method does not read, so e.g. ``--lookbehind_alpha adaptive`` reaches Lookbehind alone and
+    ``--rho`` the SAM and Lookbehind runs."""
+    flags = METHODS[method]
+    defaults = {f.name: f.default for f in dataclasses.fields(LookbehindTrainingArguments)}
+    unset = {name: defaults[name] for name in unread_flags(flags["lookbehind_method"])}
+    return dataclasses.replace(args, **{**unset, **flags})
 
 
 def method_label(method: str, args: LookbehindTrainingArguments) -> str:
@@ -164,14 +132,14 @@ def method_label(method: str, args: LookbehindTrainingArguments) -> str:
         return args.optim.split("_")[0].upper()
     if method == "sam":
         return perturbation
-    alpha = args.lookbehind_alpha
+    alpha = args.lookbehind_alpha or DEFAULT_ALPHA
     alpha = "adaptive α" if alpha == "adaptive" else f"α={alpha}"
     return f"Lookbehind-{perturbation} ({alpha})"
 
 
 def default_training_arguments() -> list[str]:
     return [
-        "--output_dir", "outputs/quickstart",
+        "--output_dir", "outputs/noisy_labels",
         "--num_train_epochs", "40",
         "--per_device_train_batch_size", "64",
         "--learning_rate", "0.05",
@@ -197,9 +165,9 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {scale * float(np.std(values, ddof=1)):.{digits}f}"
 
 
-def print_table(results: dict[str, list[dict[str, float]]], noisy: bool) -> None:
+def format_table(results: dict[str, list[dict[str, float]]], noisy: bool) -> str:
     header = ("method", "test acc %", "best test acc %", "test loss", "noisy fit %", "train s")
-    rows = [header]
+    rows = []
     for label, runs in results.items():
         column = {key: [run[key] for run in runs] for key in runs[0]}
         rows.append(
@@ -212,9 +180,7 @@ def print_table(results: dict[str, list[dict[str, float]]], noisy: bool) -> None
                 mean_std(column["seconds"], digits=1),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        print(row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:])))
+    return markdown_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
@@ -222,43 +188,41 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     method label: final and best (over the evaluations after each epoch) test ``accuracy`` and
     ``best_accuracy``, test ``loss``, ``noisy_fit`` (share of the mislabelled training images
     predicted with their wrong label) and ``seconds`` of training (evaluations excluded)."""
-    parser = HfArgumentParser((QuickstartArguments, LookbehindTrainingArguments))
+    parser = HfArgumentParser((NoisyLabelsArguments, LookbehindTrainingArguments))
     argv = default_training_arguments() + list(sys.argv[1:] if argv is None else argv)
-    quickstart, args = parser.parse_args_into_dataclasses(argv)
-    check_evaluation_settings(args)
+    benchmark, args = parser.parse_args_into_dataclasses(argv)
+    check_evaluation_flags(args, ("loss", "accuracy"), "the test accuracy")
     torch.set_num_threads(1)  # a small MLP: more threads only add overhead
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
-        digits.data, digits.target, test_size=quickstart.test_fraction, random_state=0,
+        digits.data, digits.target, test_size=benchmark.test_fraction, random_state=0,
         stratify=digits.target,
     )  # fmt: skip
-    y_noisy = noisy_labels(y_train, quickstart.label_noise, quickstart.label_noise_seed)
+    y_noisy = noisy_labels(y_train, benchmark.label_noise, benchmark.label_noise_seed)
     mislabelled = y_noisy != y_train
     train_set, test_set = DigitsDataset(x_train, y_noisy), DigitsDataset(x_test, y_test)
     print(
         f"digits: {len(y_train)} training images ({int(mislabelled.sum())} with a wrong label, "
-        f"--label_noise {quickstart.label_noise}), {len(y_test)} test images (clean labels)"
+        f"--label_noise {benchmark.label_noise}), {len(y_test)} test images (clean labels)"
     )
     results: dict[str, list[dict[str, float]]] = {}
-    for method in quickstart.methods:
+    for method in benchmark.methods:
         run_args = method_arguments(args, method)
         label = method_label(method, run_args)
         if label in results:
             continue  # e.g. --lookbehind_alpha adaptive makes both Lookbehind rows one
         results[label] = []
-        for seed in range(args.seed, args.seed + quickstart.seeds):
+        for seed in range(args.seed, args.seed + benchmark.seeds):
             seed_args = dataclasses.replace(run_args, seed=seed)
             torch.manual_seed(seed)
             trainer = LookbehindTrainer(
-                model=DigitsClassifier(quickstart.hidden_size),
+                model=ImageClassifier(digits_network(benchmark.hidden_size)),
                 args=seed_args,
                 train_dataset=train_set,
                 eval_dataset=test_set,
-                compute_metrics=accuracy,
+                compute_metrics=top_k_accuracy(),
             )
-            timer = EpochTimer()
-            trainer.add_callback(timer)
-            trainer.train()
+            seconds = train_timed(trainer)["train_seconds"]
             metrics = trainer.evaluate()
             during = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
             train_predictions = trainer.predict(train_set).predictions.argmax(-1)
@@ -269,11 +233,11 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
                     "best_accuracy": max([*during, metrics["eval_accuracy"]]),
                     "loss": metrics["eval_loss"],
                     "noisy_fit": float(fit.mean()) if fit.size else float("nan"),
-                    "seconds": sum(timer.epoch_seconds),
+                    "seconds": seconds,
                 }
             )
-    print(f"\nmean ± std over {quickstart.seeds} seed(s) (training seeds from {args.seed}):")
-    print_table(results, noisy=bool(mislabelled.any()))
+    print(f"\nmean ± std over {benchmark.seeds} seed(s) (training seeds from {args.seed}):")
+    print(format_table(results, noisy=bool(mislabelled.any())))
     return results
 
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
-import transformers
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
@@ -48,7 +45,10 @@ from translation_model import (
 )
 from translation_vocab import BPE_FILE, JointBpeVocabularies
 
-from hf_lookbehind import EpochTimer, LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind_recipes.evaluation import check_evaluation_flags
+from hf_lookbehind_recipes.logs import configure_logging
+from hf_lookbehind_recipes.training import record_metrics, train_and_save
 
 logger = logging.getLogger(__name__)
 
@@ -285,32 +285,20 @@ def check_settings_before_training(
                 f"{name} generation settings could not be used or saved after training: {error}\n"
                 "Change --generation_num_beams, --generation_max_length or --generation_config."
             ) from None
-    if training_args.prediction_loss_only and training_args.predict_with_generate:
-        raise ValueError(
-            "--prediction_loss_only skips generation, so no BLEU can be computed: drop it, or "
-            "drop --predict_with_generate"
-        )
-    metric = training_args.metric_for_best_model
-    available = evaluation_metric_names(training_args)
-    if metric is not None and metric.removeprefix("eval_") not in available:
-        raise ValueError(
-            f"--metric_for_best_model {metric} is not among the evaluation's metrics "
-            f"({', '.join(available)}): pick one of them"
-            + ("" if training_args.predict_with_generate else " or add --predict_with_generate")
-        )
+    generate = training_args.predict_with_generate
+    check_evaluation_flags(
+        training_args,
+        evaluation_metric_names(training_args),
+        "the BLEU score of --predict_with_generate" if generate else None,
+        "" if generate else " or add --predict_with_generate",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate; returns every metric written to ``all_results.json``."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TranslationTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        handlers=[logging.StreamHandler(sys.stdout)],
-        level=training_args.get_process_log_level(),
-    )
-    datasets.utils.logging.set_verbosity(training_args.get_process_log_level())
-    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    configure_logging(training_args)
     set_seed(training_args.seed)
 
     raw = load_parallel_text(data_args)
@@ -368,19 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     results: dict[str, Any] = {}
     if training_args.do_train:
-        timer = EpochTimer()
-        trainer.add_callback(timer)
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-        trainer.save_model()
-        metrics = {
-            **train_result.metrics,
-            "train_samples": len(train_dataset),
-            "train_seconds_per_epoch": timer.seconds_per_epoch(),
-        }
-        trainer.log_metrics("train", metrics)
-        trainer.save_metrics("train", metrics)
-        trainer.save_state()
-        results.update(metrics)
+        results.update(train_and_save(trainer, train_samples=len(train_dataset)))
 
     for prefix, dataset, metrics_fn in (
         ("eval", eval_dataset, eval_metrics),
@@ -400,8 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if trainer.is_world_process_zero():
                 generations = Path(training_args.output_dir) / f"{prefix}_generations.txt"
                 generations.write_text("".join(f"{line}\n" for line in metrics_fn.hypotheses))
-        trainer.log_metrics(prefix, metrics)
-        trainer.save_metrics(prefix, metrics)
+        record_metrics(trainer, prefix, metrics)
         results.update(metrics)
     return results
 

@@ -28,7 +28,7 @@ from .curves import (
 from .data import image_classification_loader, load_classifier, load_split
 from .noise import noisy_weight_robustness
 from .sharpness import NEIGHBOURHOODS, SharpnessResult, m_sharpness
-from .sweep import DEFAULT_TEMPLATE, collect_sweep, launch_sweep, read_metric
+from .sweep import collect_sweep, launch_sweep, read_metric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,8 +66,7 @@ def _add_model_and_data_arguments(parser: argparse.ArgumentParser, split: str) -
         "--model_factory",
         metavar="MODULE:FUNCTION",
         help="Builds each --model from its path: 'package.module:function' or "
-        "'path/to/file.py:function' returning an nn.Module (or a tuple starting with one), e.g. "
-        "examples/cifar/cifar_models.py:load_pretrained_resnet.",
+        "'path/to/file.py:function' returning an nn.Module (or a tuple starting with one).",
     )
     models.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     data = parser.add_argument_group("data")
@@ -308,8 +307,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[2, 5, 10])
     parser.add_argument(
         "--template",
-        default=DEFAULT_TEMPLATE,
-        help="Command with the fields {alpha}, {k} and {output_dir}.",
+        help="The command that trains one cell, with the fields {alpha}, {k} and {output_dir} "
+        "(replaced by each cell's values); needed unless --collect_only.",
     )
     parser.add_argument("--collect_only", action="store_true", help="Launch nothing.")
     parser.add_argument("--baseline_dir", type=Path, help="Output directory of the baseline run.")
@@ -319,6 +318,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> None:
     extra_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if not args.collect_only:
+        if args.template is None:
+            parser.error("--template (the command of one run) is needed to launch the sweep")
         launch_sweep(
             args.alphas, args.ks, args.output_root, template=args.template, extra_args=extra_args
         )

@@ -4,8 +4,7 @@
 A model is either a Hugging Face image classifier (hub name or local directory, loaded with
 ``AutoModelForImageClassification`` and preprocessed by its ``AutoImageProcessor``) or whatever
 a factory ``module:function`` / ``path/to/file.py:function`` returns for a path (an
-``nn.Module``, or a tuple whose first element is one, e.g.
-``examples/cifar/cifar_models.py:load_pretrained_resnet``); factory models get images scaled to
+``nn.Module``, or a tuple whose first element is one); factory models get images scaled to
 [0, 1] and normalised with a per-channel mean and std (all images must share one size).
 A dataset is a hub name, a local directory (``datasets`` detects image folders and
 parquet/csv/json files), or one parquet/csv/json/arrow file (a single split).

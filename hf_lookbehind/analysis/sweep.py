@@ -3,9 +3,9 @@ compare their accuracy with a baseline run.
 
 Each grid cell is a run directory ``<output_root>/alpha_<alpha>-k_<k>`` whose
 ``all_results.json`` (written by the recipes through ``trainer.save_metrics``) holds the
-accuracy. Runs are launched one after the other from a command template in which ``{alpha}``,
-``{k}`` and ``{output_dir}`` are replaced (shell-quoted; other braces are left alone); a cell
-whose results exist already is not rerun.
+accuracy. Runs are launched one after the other from the caller's command template, in which
+``{alpha}``, ``{k}`` and ``{output_dir}`` are replaced (shell-quoted; other braces are left
+alone); a cell whose results exist already is not rerun.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-DEFAULT_TEMPLATE = (
-    "python examples/cifar/run_cifar.py --lookbehind_k {k} --lookbehind_alpha {alpha} "
-    "--output_dir {output_dir}"
-)
 RESULTS_FILE = "all_results.json"
 _RUN_DIR = re.compile(r"^alpha_(?P<alpha>.+)-k_(?P<k>\d+)$")
 
@@ -57,11 +53,11 @@ def launch_sweep(
     ks: Sequence[int],
     output_root: str | Path,
     *,
-    template: str = DEFAULT_TEMPLATE,
+    template: str,
     extra_args: Sequence[str] = (),
     progress: bool = True,
 ) -> list[Path]:
-    """Run the recipe for every ``(alpha, k)`` not finished yet, sequentially; returns the run
+    """Run ``template`` for every ``(alpha, k)`` not finished yet, sequentially; returns the run
     directories. ``extra_args`` are appended to every command. A failing run raises
     ``subprocess.CalledProcessError`` (with the command) and stops the sweep."""
     if not alphas or not ks:
