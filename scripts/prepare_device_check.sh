@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Run here, before the GPU check: writes into git-ignored folders of the checkout what
-# scripts/device_check.sh needs on the bare GPU machine, to name in the device tool's `carry`:
+# Run before the GPU check, where the shared data is: writes into git-ignored folders of the
+# checkout what scripts/device_check.sh needs on a bare GPU machine:
 #   .device_data/cifar10/{train,test}.parquet  the shared CIFAR-10 splits, shuffled and
 #                                              rewritten with snappy compression (18 MB instead
-#                                              of 57 MB: the checkout travels with a 64 MiB
-#                                              limit); TRAIN_ROWS keeps a random subset
+#                                              of 57 MB, so that the checkout stays small to
+#                                              copy); TRAIN_ROWS keeps a random subset
 #   .whl/  wheels of the Python packages the GPU image lacks (datasets and its dill and
 #          multiprocess) or has in another version (transformers), at the versions installed here
-# Then: device run `bash scripts/device_check.sh` with carry [".device_data", ".whl"].
+# Then copy the checkout with .device_data and .whl to the GPU machine and run
+# `bash scripts/device_check.sh` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED_DATA=${SHARED_DATA:-../shared/data}

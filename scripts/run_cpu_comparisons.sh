@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The CPU comparisons of issue 9 (examples/translation/README.md and examples/cifar/README.md):
+# The CPU comparisons of the methods on small budgets (examples/translation/README.md and
+# examples/cifar/README.md):
 #
-#   bash scripts/run_issue9_experiments.sh translation   # Multi30k: Adam, SAM, Lookahead, Lookbehind
-#   bash scripts/run_issue9_experiments.sh cifar         # CIFAR-10 subset: SGD, SAM, ... 2 seeds
-#   bash scripts/run_issue9_experiments.sh cifar_plateau # the same 250 images, to the plateau
-#   bash scripts/run_issue9_experiments.sh tables        # the README tables from the finished runs
+#   bash scripts/run_cpu_comparisons.sh translation   # Multi30k: Adam, SAM, Lookahead, Lookbehind
+#   bash scripts/run_cpu_comparisons.sh cifar         # CIFAR-10 subset: SGD, SAM, ... 2 seeds
+#   bash scripts/run_cpu_comparisons.sh cifar_plateau # the same 250 images, to the plateau
+#   bash scripts/run_cpu_comparisons.sh tables        # the README tables from the finished runs
 #
 # Every run is one process with one thread (OMP_NUM_THREADS=1), so the two tracks can run side by
 # side on two cores. A run whose all_results.json exists is skipped, so an interrupted track
-# continues where it stopped. Run outputs go to $RUNS (default outputs/issue9, git-ignored).
+# continues where it stopped. Run outputs go to $RUNS (default outputs/cpu_comparisons,
+# git-ignored).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 DATA=${DATA:-../shared/data}
-RUNS=${RUNS:-outputs/issue9}
+RUNS=${RUNS:-outputs/cpu_comparisons}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 # ---------------------------------------------------------------------------- translation
@@ -43,21 +45,7 @@ JOBS=${JOBS:-2}  # runs side by side, one thread each
 
 prepare_multi30k() {
   [[ -f $TRANSLATION_DATA/train.en ]] && return
-  "$PYTHON" - "$DATA/multi30k_de_en" "$TRANSLATION_DATA" <<'EOF'
-import sys
-from pathlib import Path
-
-sys.path.insert(0, "examples/translation")
-from translation_data import moses_tokenize_lowercase, read_parallel_dir
-
-source, destination = Path(sys.argv[1]), Path(sys.argv[2])
-prepared = moses_tokenize_lowercase(read_parallel_dir(source, "de", "en"), "de", "en")
-destination.mkdir(parents=True, exist_ok=True)
-for split, dataset in prepared.items():
-    for lang in ("de", "en"):
-        lines = [pair[lang] for pair in dataset["translation"]]
-        (destination / f"{split}.{lang}").write_text("".join(f"{line}\n" for line in lines))
-EOF
+  "$PYTHON" examples/translation/prepare_parallel_text.py "$DATA/multi30k_de_en" "$TRANSLATION_DATA"
 }
 
 translate() {  # NAME SEED FLAGS...

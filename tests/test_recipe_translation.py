@@ -7,17 +7,13 @@ import itertools
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
+import prepare_parallel_text
 import pytest
 import sacrebleu
-from transformers import MarianMTModel
-from two_processes import run_two_processes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "translation"))
-
 from run_translation import main
+from transformers import MarianMTModel
 from translation_batching import TokenBudgetBatchSampler
 from translation_bleu import bleu_scores
 from translation_data import (
@@ -30,6 +26,7 @@ from translation_model import (
     transformer_iwslt_de_en_config,
 )
 from translation_vocab import UNK_ID, JointBpeVocabularies
+from two_processes import run_two_processes
 
 # fairseq's transformer_iwslt_de_en with its IWSLT'14 dictionaries, counted by hand:
 # encoder layer 4 * (512 * 512 + 512) + (512 * 1024 + 1024 + 1024 * 512 + 512) + 2 * 1024,
@@ -149,6 +146,24 @@ def test_hub_layout_and_moses_preparation_on_local_multi30k(shared_data, tmp_pat
     assert prepared[2]["en"] == "a boy wearing headphones sits on a woman &apos;s shoulders ."
     with pytest.raises(ValueError, match="no language fr"):
         load_hub_translation(str(tmp_path), None, "de", "fr")
+
+
+def test_prepared_parallel_text_is_the_moses_tokenized_lowercased_text(shared_data, tmp_path):
+    """``prepare_parallel_text.py`` writes every split of a folder of raw Multi30k pairs, Moses-
+    tokenized and lowercased, in the same layout, one line per pair."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split in ("train", "val"):
+        for lang in ("de", "en"):
+            lines = (shared_data / "multi30k_de_en" / f"val.{lang}").read_text(encoding="utf-8")
+            (raw / f"{split}.{lang}").write_text("\n".join(lines.splitlines()[:4]) + "\n")
+    prepare_parallel_text.main([str(raw), str(tmp_path / "prepared")])
+    prepared = read_parallel_dir(tmp_path / "prepared", "de", "en")
+    assert sorted(prepared) == ["train", "val"]
+    pairs = prepared["val"]["translation"]
+    assert len(pairs) == 4
+    assert pairs[1]["de"] == "ein mann schläft in einem grünen raum auf einem sofa ."
+    assert pairs[2]["en"] == "a boy wearing headphones sits on a woman &apos;s shoulders ."
 
 
 def test_parallel_dir_errors_name_the_problem(tmp_path):
