@@ -216,7 +216,7 @@ def launch_two_processes(output_dir: Path, overrides: dict, launcher: str) -> li
         HARNESS,
         [str(output_dir), json.dumps(overrides)],
         launcher,
-        env={"PYTHONPATH": str(HARNESS.parent)},
+        pythonpath=[HARNESS.parent],
     )
     return [json.loads((output_dir / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
 
