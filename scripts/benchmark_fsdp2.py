@@ -31,22 +31,18 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from benchmark_ops import Count, OpCounter, calls_per_outer_step, count_outer_step, deep_mlp
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_lookbehind import Lookbehind
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchmark_ops import Count, OpCounter, calls_per_outer_step, count_outer_step, deep_mlp
 
 MIB = 2**20
 

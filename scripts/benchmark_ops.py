@@ -34,14 +34,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torchvision.models.resnet import BasicBlock, conv1x1
-
-import hf_lookbehind
-from hf_lookbehind import Lookbehind
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_step import (
     BatchClosure,
     comma_separated,
@@ -50,6 +42,12 @@ from benchmark_step import (
     format_columns,
     integer_at_least,
 )
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torchvision.models.resnet import BasicBlock, conv1x1
+
+import hf_lookbehind
+from hf_lookbehind import Lookbehind
 
 RHO = 0.05
 STATIC_ALPHA = 0.5
