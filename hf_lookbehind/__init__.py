@@ -1,7 +1,8 @@
 """Lookbehind-SAM (Mordido et al., ICML 2024) for PyTorch and the Hugging Face Trainer.
 
 The core (:class:`Lookbehind`) needs only torch. The Trainer layer (``LookbehindTrainer``,
-``LookbehindTrainingArguments``) is imported on first use and needs ``transformers``.
+``LookbehindTrainingArguments``, and ``LookbehindMixin`` with ``LookbehindConfig`` for any
+Trainer subclass) is imported on first use and needs ``transformers``.
 """
 
 from typing import Any
@@ -15,6 +16,8 @@ __all__ = [
     "METHODS",
     "EpochTimer",
     "Lookbehind",
+    "LookbehindConfig",
+    "LookbehindMixin",
     "LookbehindTrainer",
     "LookbehindTrainingArguments",
     "adaptive_alpha",
@@ -24,6 +27,8 @@ __version__ = "0.1.0"
 
 _TRAINER_LAYER = {
     "EpochTimer": ".callbacks",
+    "LookbehindConfig": ".training_args",
+    "LookbehindMixin": ".trainer",
     "LookbehindTrainer": ".trainer",
     "LookbehindTrainingArguments": ".training_args",
 }

@@ -1,4 +1,7 @@
-"""``LookbehindTrainer``: a drop-in ``transformers.Trainer`` that trains with Lookbehind-SAM.
+"""``LookbehindTrainer``: a drop-in ``transformers.Trainer`` that trains with Lookbehind-SAM, and
+``LookbehindMixin``, the same for any Trainer subclass (``Seq2SeqTrainer``, TRL's
+``SFTTrainer``, ``DPOTrainer``, ``KTOTrainer``, ``RewardTrainer``):
+``class LookbehindSFTTrainer(LookbehindMixin, SFTTrainer)``.
 
 How a Trainer step maps onto the algorithm:
 
@@ -55,7 +58,21 @@ from transformers.utils import (
 from .method_window import MethodWindow
 from .multi_tensor import global_norm, zero_nonfinite_
 from .optimizer import CONFIG, CheckedGradients, Lookbehind
-from .training_args import LookbehindTrainingArguments, check_sharding
+from .settings import validate_settings
+from .trainer_passes import (
+    Closure,
+    FrozenForwards,
+    ReferenceInBatch,
+    StepPasses,
+    frozen_modules,
+)
+from .training_args import (
+    SCHEDULE_FREE,
+    LookbehindConfig,
+    LookbehindTrainingArguments,
+    check_base_optimizer_name,
+    check_sharding,
+)
 
 LOCAL_GRAD = "lookbehind_local_grad"
 OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
@@ -317,30 +334,115 @@ def cycles(settings: dict[str, Any]) -> bool:
     return settings["method"] == "lookahead" or bool(settings["minibatch_switching"])
 
 
-class LookbehindTrainer(Trainer):
-    """``transformers.Trainer`` with Lookbehind-SAM/ASAM and its baselines.
+def refuse_regenerated_batches(trainer_class: type) -> None:
+    """Every pass of a step must see the same batch: a trainer with a ``_prepare_inputs`` of
+    its own (TRL's on-policy trainers generate completions there and hand out one buffered
+    batch per call) is refused before any work."""
+    if trainer_class._prepare_inputs is not Trainer._prepare_inputs:
+        raise ValueError(
+            f"{trainer_class.__name__} has a _prepare_inputs of its own (on-policy trainers "
+            "such as TRL's GRPOTrainer, RLOOTrainer and DistillationTrainer generate "
+            "completions there and hand out one buffered batch per call), so the passes of a "
+            "Lookbehind step would not see one batch; LookbehindMixin trains on the dataset's "
+            "batches (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, DPOTrainer, KTOTrainer, "
+            "RewardTrainer)"
+        )
 
-    Takes a :class:`LookbehindTrainingArguments`; everything else is the Trainer's. The
-    optimizer the Trainer builds (``--optim``, or ``optimizers=(optimizer, scheduler)``) becomes
-    the base optimizer of :class:`hf_lookbehind.Lookbehind`.
+
+def rebuilt_arguments_message(trainer_class: type, error: TypeError) -> str:
+    return (
+        f"{trainer_class.__name__} rebuilt the LookbehindTrainingArguments given as args into a "
+        f"config class of its own, which has no Lookbehind fields ({error}); give it that class "
+        "(SFTConfig for SFTTrainer, DPOConfig for DPOTrainer, ...) as args and the Lookbehind "
+        "settings as lookbehind=LookbehindConfig(...)"
+    )
+
+
+def lookbehind_config(
+    args: Any, lookbehind: LookbehindConfig | None, trainer_class: type
+) -> LookbehindConfig:
+    """The settings given as ``lookbehind=``, or those of LookbehindTrainingArguments given as
+    ``args``: exactly one of the two."""
+    inside = isinstance(args, LookbehindConfig)
+    if lookbehind is not None and inside:
+        raise ValueError(
+            f"{trainer_class.__name__}: the Lookbehind settings were given twice, in "
+            f"{type(args).__name__} and as lookbehind=; give them once"
+        )
+    if lookbehind is None and not inside:
+        raise TypeError(
+            f"{trainer_class.__name__} needs the Lookbehind settings: "
+            "lookbehind=LookbehindConfig(...) beside its arguments, or "
+            f"LookbehindTrainingArguments as args (got {type(args).__name__})"
+        )
+    if lookbehind is not None and not isinstance(lookbehind, LookbehindConfig):
+        raise TypeError(f"lookbehind must be a LookbehindConfig, got {type(lookbehind).__name__}")
+    return lookbehind if lookbehind is not None else args
+
+
+def refuse_schedule_free(optimizer: torch.optim.Optimizer) -> None:
+    """Schedule-free optimizers (``train()``/``eval()`` switch their parameters) cannot be the
+    engine's base optimizer (see :data:`~hf_lookbehind.training_args.SCHEDULE_FREE`)."""
+    base = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+    if callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None)):
+        raise ValueError(f"{type(base).__name__}: {SCHEDULE_FREE}")
+
+
+class LookbehindMixin:
+    """Lookbehind-SAM/ASAM and its baselines for any ``transformers.Trainer`` subclass::
+
+        class LookbehindSFTTrainer(LookbehindMixin, SFTTrainer):
+            pass
+
+        trainer = LookbehindSFTTrainer(
+            model=model, args=SFTConfig(...), lookbehind=LookbehindConfig(lookbehind_k=2), ...
+        )
+
+    The settings come as ``lookbehind=LookbehindConfig(...)`` beside the trainer's own
+    arguments, which stay the trainer's config class with its defaults (a trainer that rebuilds
+    its config keeps them), or inside :class:`LookbehindTrainingArguments` given as ``args``.
+    The optimizer the trainer builds (``--optim``, or ``optimizers=(optimizer, scheduler)``)
+    becomes the base optimizer of :class:`hf_lookbehind.Lookbehind`.
+
+    Every pass of a step runs the trainer's own ``training_step``. What the trainer records in
+    the attributes :attr:`first_pass_records` while it computes the loss (TRL's metrics and
+    token count) is kept from the first pass over each batch only, and a model the trainer calls
+    besides the trained one (a reference or teacher model) runs once per batch (see
+    :mod:`hf_lookbehind.trainer_passes`). ``total_flos`` counts every pass.
     """
 
-    args: LookbehindTrainingArguments
+    # Attributes a trainer's loss records into (TRL's trainers): kept from the first pass.
+    first_pass_records: tuple[str, ...] = ("_metrics", "_total_train_tokens")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if not isinstance(self.args, LookbehindTrainingArguments):
-            raise TypeError(
-                "LookbehindTrainer needs LookbehindTrainingArguments, got "
-                f"{type(self.args).__name__}"
-            )
+    def __init__(self, *args: Any, lookbehind: LookbehindConfig | None = None, **kwargs: Any):
+        refuse_regenerated_batches(type(self))
+        try:
+            super().__init__(*args, **kwargs)
+        except TypeError as error:
+            if isinstance(kwargs.get("args"), LookbehindTrainingArguments):
+                raise TypeError(rebuilt_arguments_message(type(self), error)) from error
+            raise
+        self.lookbehind_config = lookbehind_config(self.args, lookbehind, type(self))
+        self._check_setup()
+        self._window: list[dict[str, Any]] = []
+
+    def _check_setup(self) -> None:
+        """Refuse, before any work, a setup the engine cannot train: sharding other than FSDP2,
+        settings that do not fit the Trainer's ``max_grad_norm``, a schedule-free base
+        optimizer, processes that did not find each other."""
+        config = self.lookbehind_config
         fsdp_plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         check_sharding(  # also catches FSDP/DeepSpeed set up by the accelerate config
             deepspeed=self.is_deepspeed_enabled or self.is_fsdp_xla_enabled,
             fsdp_version=None if fsdp_plugin is None else getattr(fsdp_plugin, "fsdp_version", 1),
-            ascent_sync=self.args.ascent_sync,
+            ascent_sync=config.ascent_sync,
             fp16=self.accelerator.mixed_precision == "fp16",
         )
+        if self.uses_lookbehind:
+            validate_settings(**config.lookbehind_kwargs(self.args.max_grad_norm))
+            check_base_optimizer_name(self.args.optim, config.lookbehind_method)
+            if self.optimizer is not None:
+                refuse_schedule_free(self.optimizer)
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             raise ValueError(
@@ -349,12 +451,11 @@ class LookbehindTrainer(Trainer):
                 "dataset on its own. On a machine without GPUs pass --use_cpu (DDP over gloo); "
                 "otherwise check that every process sees its GPU."
             )
-        self._window: list[dict[str, Any]] = []
 
     # -------------------------------------------------------------------------- optimizer
     @property
     def uses_lookbehind(self) -> bool:
-        return self.args.lookbehind_method != "none"
+        return self.lookbehind_config.lookbehind_method != "none"
 
     @property
     def lookbehind(self) -> _TrainerLookbehind | None:
@@ -365,7 +466,7 @@ class LookbehindTrainer(Trainer):
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Every parameter with ``--decay_all_parameters`` (the paper's public code); otherwise
         the Trainer's choice, which exempts biases and LayerNorm/RMSNorm parameters."""
-        if self.args.decay_all_parameters:
+        if self.lookbehind_config.decay_all_parameters:
             return [name for name, _ in model.named_parameters()]
         return super().get_decay_parameter_names(model)
 
@@ -381,8 +482,10 @@ class LookbehindTrainer(Trainer):
         base = super().create_optimizer(model)
         if not self.uses_lookbehind or isinstance(base, Lookbehind):
             return base
+        refuse_schedule_free(base)
         grouped = any("asam_scale" in group for group in base.param_groups)
-        if self.args.perturbation == "asam" and self.args.asam_weights_only and not grouped:
+        config = self.lookbehind_config
+        if config.perturbation == "asam" and config.asam_weights_only and not grouped:
             if self.lr_scheduler is not None:
                 raise ValueError(
                     "--asam_weights_only regroups the optimizer's parameters, which the "
@@ -394,9 +497,9 @@ class LookbehindTrainer(Trainer):
         self.optimizer = _TrainerLookbehind(
             base,
             model=self.model,
-            ascent_sync=self.args.ascent_sync,
-            method_window=self.args.method_window(),
-            **self.args.lookbehind_kwargs(),
+            ascent_sync=config.ascent_sync,
+            method_window=config.method_window(),
+            **config.lookbehind_kwargs(self.args.max_grad_norm),
         )
         return self.optimizer
 
@@ -434,37 +537,57 @@ class LookbehindTrainer(Trainer):
         self._window = []
         self._take_over_grad_scaler(engine)
         engine.follow_method_window(self.state.epoch or 0.0)
-        window = [self._prepare_inputs(micro_batch) for micro_batch in window]
+        model.train()  # the reference runs in the mode the trainer's own step sets
+        reference = ReferenceInBatch(self)
+        prepared = [reference.added_to(self._prepare_inputs(batch)) for batch in window]
+        passes = StepPasses(
+            self, self.first_pass_records, FrozenForwards(frozen_modules(self, engine))
+        )
+        closures = self._pass_closures(model, engine, passes, window, prepared, num_items_in_batch)
+        with passes.frozen.installed(), reference.taken_from_batch():
+            loss = engine.step(closures)
+        self._count_extra_passes(passes)
+        return loss.detach()
 
-        if engine.micro_batch_ascent:  # m-SAM: one closure per micro-batch, no all-reduce
-            closures = [
-                self._micro_batch_closure(model, micro_batch, num_items_in_batch)
-                for micro_batch in window
+    def _pass_closures(self, model, engine, passes: StepPasses, window, prepared, num_items):
+        """The closure that runs one pass over the whole window, or for m-SAM one closure per
+        micro-batch (no all-reduce); ``window`` holds the micro-batches as the Trainer fetched
+        them (counted for the FLOs), ``prepared`` as every pass gets them."""
+        if engine.micro_batch_ascent:
+            return [
+                passes.closure(self._micro_batch_pass(model, batch, num_items), [fetched])
+                for batch, fetched in zip(prepared, window)
             ]
-            return engine.step(closures).detach()
+        return passes.closure(self._window_pass(model, engine, prepared, num_items), window)
 
+    def _window_pass(self, model: nn.Module, engine, window, num_items_in_batch) -> Closure:
         def closure() -> torch.Tensor:
             total = torch.zeros((), device=self.args.device)
             for index, micro_batch in enumerate(window):
                 all_reduce = index == len(window) - 1 and not engine.per_device_ascent
                 sync = contextlib.nullcontext() if all_reduce else self.accelerator.no_sync(model)
                 with sync:
-                    total = total + super(LookbehindTrainer, self).training_step(
+                    total = total + super(LookbehindMixin, self).training_step(
                         model, micro_batch, num_items_in_batch
                     )
             return total
 
-        loss = engine.step(closure)
-        return loss.detach()
+        return closure
 
-    def _micro_batch_closure(self, model: nn.Module, micro_batch, num_items_in_batch):
+    def _micro_batch_pass(self, model: nn.Module, micro_batch, num_items_in_batch) -> Closure:
         def closure() -> torch.Tensor:
             with self.accelerator.no_sync(model):
-                return super(LookbehindTrainer, self).training_step(
+                return super(LookbehindMixin, self).training_step(
                     model, micro_batch, num_items_in_batch
                 )
 
         return closure
+
+    def _count_extra_passes(self, passes: StepPasses) -> None:
+        """The Trainer counts the FLOs of one pass per micro-batch; add the step's others."""
+        for micro_batches, extra in passes.extra_passes():
+            flos = sum(float(self.floating_point_ops(batch)) for batch in micro_batches)
+            self.current_flos += extra * flos
 
     # -------------------------------------------------------------------------- checkpoints
     @property
@@ -705,3 +828,9 @@ def lookbehind_metrics(engine: Lookbehind) -> dict[str, float]:
     if engine.skipped_steps is not None:
         metrics["skipped_steps"] = int(engine.skipped_steps.item())
     return metrics
+
+
+class LookbehindTrainer(LookbehindMixin, Trainer):
+    """``transformers.Trainer`` with Lookbehind-SAM/ASAM and its baselines: takes
+    :class:`LookbehindTrainingArguments`, or ``TrainingArguments`` and
+    ``lookbehind=LookbehindConfig(...)``; everything else is the Trainer's."""

@@ -1,4 +1,6 @@
-"""``LookbehindTrainingArguments``: ``TrainingArguments`` plus the Lookbehind flags."""
+"""The Lookbehind flags of the Trainer layer: ``LookbehindConfig`` (the settings alone, for any
+Trainer subclass and its own config class) and ``LookbehindTrainingArguments``
+(``TrainingArguments`` plus the same fields)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import TrainingArguments
+from transformers.training_args import OptimizerNames
 
 from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
@@ -33,6 +36,15 @@ UNSUPPORTED_SHARDING = (
 )
 ASCENT_SYNCS = ("global", "per_device", "per_micro_batch")
 BASELINE_METHODS = ("sam", "multistep", "multistep_avg")
+SCHEDULE_FREE = (
+    "schedule-free optimizers cannot be Lookbehind's base optimizer: they keep the weights to "
+    "evaluate (their average x) apart from the point where gradients are taken (y), and switch "
+    "the parameters between the two with train()/eval(), while the engine keeps the slow "
+    "weights in the parameters between steps and moves the fast and perturbed weights through "
+    "them, so every slow-weight update would cut the optimizer's y and its average apart. Use "
+    "a plain optimizer (adamw_torch, sgd) with a learning-rate schedule, or "
+    "--lookbehind_method none to train with the schedule-free optimizer alone"
+)
 # The Lookbehind flags that default to None ("not given"): the engine setting each one sets, and
 # a setup that reads it (where a value given with --lookbehind_method none is checked).
 GIVEN_FLAGS = {
@@ -74,11 +86,21 @@ def check_sharding(
         raise ValueError("fp16 loss scaling is not supported under FSDP2; use --bf16")
 
 
-@dataclass
-class LookbehindTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with the settings of :class:`hf_lookbehind.Lookbehind`.
+def check_base_optimizer_name(optim: str, lookbehind_method: str) -> None:
+    """Refuse a schedule-free ``--optim`` under the engine (see :data:`SCHEDULE_FREE`)."""
+    name = OptimizerNames(optim).value
+    if lookbehind_method != "none" and name.startswith("schedule_free"):
+        raise ValueError(f"--optim {name}: {SCHEDULE_FREE}")
 
-    ``lookbehind_method="none"`` trains with the base optimizer alone (the SGD/Adam baseline).
+
+@dataclass
+class LookbehindConfig:
+    """The settings of :class:`hf_lookbehind.Lookbehind` for a Trainer, apart from the Trainer's
+    own arguments: give them to any Trainer subclass with :class:`~hf_lookbehind.LookbehindMixin`
+    as ``lookbehind=LookbehindConfig(...)``, and parse them from the command line beside the
+    trainer's own config (``HfArgumentParser((SFTConfig, LookbehindConfig))``). Every value is
+    checked when the config is built. ``lookbehind_method="none"`` trains with the base optimizer
+    alone (the SGD/Adam baseline).
     """
 
     lookbehind_method: str = field(
@@ -193,9 +215,9 @@ class LookbehindTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.deepspeed:
-            raise ValueError(UNSUPPORTED_SHARDING)
-        super().__post_init__()
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:  # a TrainingArguments subclass: its own checks first
+            parent()
         for name, value, allowed in (
             ("lookbehind_method", self.lookbehind_method, TRAINER_METHODS),
             ("ascent_sync", self.ascent_sync, ASCENT_SYNCS),
@@ -204,13 +226,6 @@ class LookbehindTrainingArguments(TrainingArguments):
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-        fsdp = getattr(self, "fsdp_plugin_args", None)  # None without --fsdp
-        check_sharding(
-            deepspeed=False,
-            fsdp_version=None if not fsdp else fsdp.get("fsdp_version"),
-            ascent_sync=self.ascent_sync,
-            fp16=self.fp16,
-        )
         if self.lookbehind_method == "none":
             self._refuse_lookbehind_flags()
         else:
@@ -308,11 +323,11 @@ class LookbehindTrainingArguments(TrainingArguments):
             outside={key: outside[key] for key in PHASE_KEYS},
         )
 
-    def lookbehind_kwargs(self) -> dict[str, Any]:
+    def lookbehind_kwargs(self, max_grad_norm: float | None = None) -> dict[str, Any]:
         """Keyword arguments for :class:`hf_lookbehind.Lookbehind` (without the optimizer and
         the model), None where a flag was not given, so that the engine fills in its defaults
-        where the method reads them and refuses what it would not read. ``max_grad_norm`` (a
-        ``TrainingArguments`` field, 0 for none) clips every descent update."""
+        where the method reads them and refuses what it would not read. ``max_grad_norm`` (the
+        Trainer's ``--max_grad_norm``, 0 or None for none) clips every descent update."""
         return {
             "method": self.lookbehind_method,
             "k": self.lookbehind_k,
@@ -323,6 +338,33 @@ class LookbehindTrainingArguments(TrainingArguments):
             "adaptive_scope": self.adaptive_alpha_scope,
             "minibatch_switching": self.minibatch_switching,
             "batchnorm_update": self.batchnorm_update,
-            "max_grad_norm": self.max_grad_norm or None,
+            "max_grad_norm": max_grad_norm or None,
             "micro_batch_ascent": self.ascent_sync == "per_micro_batch",
         }
+
+
+@dataclass
+class LookbehindTrainingArguments(LookbehindConfig, TrainingArguments):
+    """``TrainingArguments`` with the fields of :class:`LookbehindConfig` (for
+    :class:`~hf_lookbehind.LookbehindTrainer`, and any ``Trainer`` subclass that keeps the
+    arguments it is given)."""
+
+    def __post_init__(self) -> None:
+        if self.deepspeed:
+            raise ValueError(UNSUPPORTED_SHARDING)
+        super().__post_init__()
+        fsdp = getattr(self, "fsdp_plugin_args", None)  # None without --fsdp
+        check_sharding(
+            deepspeed=False,
+            fsdp_version=None if not fsdp else fsdp.get("fsdp_version"),
+            ascent_sync=self.ascent_sync,
+            fp16=self.fp16,
+        )
+        check_base_optimizer_name(self.optim, self.lookbehind_method)
+
+    def lookbehind_kwargs(self, max_grad_norm: float | None = None) -> dict[str, Any]:
+        """:meth:`LookbehindConfig.lookbehind_kwargs`; ``max_grad_norm`` defaults to
+        ``--max_grad_norm``."""
+        return super().lookbehind_kwargs(
+            self.max_grad_norm if max_grad_norm is None else max_grad_norm
+        )
