@@ -63,7 +63,7 @@ from .multi_tensor import (
 )
 from .perturbation import ascend_
 from .schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent, schedule_for
-from .settings import METHODS, applicable_settings, validate_settings
+from .settings import METHODS, applicable_settings, refuse_schedule_free, validate_settings
 from .sharding import local_shards
 
 __all__ = ["BUFFERS", "METHODS", "CheckedGradients", "Lookbehind"]
@@ -165,6 +165,7 @@ class Lookbehind(torch.optim.Optimizer):
             raise TypeError(
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer)}"
             )
+        refuse_schedule_free(base_optimizer)
         if model is not None and not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model)}")
         if model is None and batchnorm_update == "first_pass":

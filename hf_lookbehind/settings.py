@@ -24,6 +24,25 @@ DEFAULT_ASAM_ETA = 0.01
 DEFAULT_ADAPTIVE_SCOPE = "per_tensor"
 
 
+SCHEDULE_FREE = (
+    "schedule-free optimizers cannot be Lookbehind's base optimizer: they keep the weights to "
+    "evaluate (their average x) apart from the point where gradients are taken (y), and switch "
+    "the parameters between the two with train()/eval(), while the engine keeps the slow "
+    "weights in the parameters between steps and moves the fast and perturbed weights through "
+    "them, so every slow-weight update would cut the optimizer's y and its average apart. Use "
+    "a plain optimizer (SGD, AdamW) with a learning-rate schedule, or train with the "
+    "schedule-free optimizer alone (--lookbehind_method none in the Trainer)"
+)
+
+
+def refuse_schedule_free(optimizer: Any) -> None:
+    """Refuse a schedule-free base optimizer (one with ``train()``/``eval()`` modes), also
+    inside a wrapper that keeps it as ``.optimizer`` (accelerate's)."""
+    base = getattr(optimizer, "optimizer", optimizer)
+    if callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None)):
+        raise ValueError(f"{type(base).__name__}: {SCHEDULE_FREE}")
+
+
 def parse_alpha(value: float | str | None) -> float | str | None:
     """The one rule for alpha, in the engine and on the command line: ``None`` (not given),
     ``"adaptive"`` in any letter case (eq. 7-8), or a number in (0, 1] (a number, or its text)."""

@@ -58,7 +58,7 @@ from transformers.utils import (
 from .method_window import MethodWindow
 from .multi_tensor import global_norm, zero_nonfinite_
 from .optimizer import CONFIG, CheckedGradients, Lookbehind
-from .settings import validate_settings
+from .settings import refuse_schedule_free, validate_settings
 from .trainer_passes import (
     Closure,
     FrozenForwards,
@@ -67,7 +67,6 @@ from .trainer_passes import (
     frozen_modules,
 )
 from .training_args import (
-    SCHEDULE_FREE,
     LookbehindConfig,
     LookbehindTrainingArguments,
     check_base_optimizer_name,
@@ -378,14 +377,6 @@ def lookbehind_config(
     if lookbehind is not None and not isinstance(lookbehind, LookbehindConfig):
         raise TypeError(f"lookbehind must be a LookbehindConfig, got {type(lookbehind).__name__}")
     return lookbehind if lookbehind is not None else args
-
-
-def refuse_schedule_free(optimizer: torch.optim.Optimizer) -> None:
-    """Schedule-free optimizers (``train()``/``eval()`` switch their parameters) cannot be the
-    engine's base optimizer (see :data:`~hf_lookbehind.training_args.SCHEDULE_FREE`)."""
-    base = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-    if callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None)):
-        raise ValueError(f"{type(base).__name__}: {SCHEDULE_FREE}")
 
 
 class LookbehindMixin:

@@ -21,6 +21,7 @@ from .settings import (
     DEFAULT_ASAM_ETA,
     DEFAULT_RHO,
     METHODS,
+    SCHEDULE_FREE,
     applicable_settings,
     parse_alpha,
     validate_settings,
@@ -36,15 +37,6 @@ UNSUPPORTED_SHARDING = (
 )
 ASCENT_SYNCS = ("global", "per_device", "per_micro_batch")
 BASELINE_METHODS = ("sam", "multistep", "multistep_avg")
-SCHEDULE_FREE = (
-    "schedule-free optimizers cannot be Lookbehind's base optimizer: they keep the weights to "
-    "evaluate (their average x) apart from the point where gradients are taken (y), and switch "
-    "the parameters between the two with train()/eval(), while the engine keeps the slow "
-    "weights in the parameters between steps and moves the fast and perturbed weights through "
-    "them, so every slow-weight update would cut the optimizer's y and its average apart. Use "
-    "a plain optimizer (adamw_torch, sgd) with a learning-rate schedule, or "
-    "--lookbehind_method none to train with the schedule-free optimizer alone"
-)
 # The Lookbehind flags that default to None ("not given"): the engine setting each one sets, and
 # a setup that reads it (where a value given with --lookbehind_method none is checked).
 GIVEN_FLAGS = {

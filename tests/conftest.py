@@ -20,7 +20,7 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-RECIPES = ("cifar", "image_classification", "lifelong", "noisy_labels", "translation")
+RECIPES = ("cifar", "image_classification", "lifelong", "noisy_labels", "sft", "translation")
 SCRIPT_FOLDERS = [ROOT / "scripts", *(ROOT / "examples" / recipe for recipe in RECIPES)]
 sys.path[:0] = [str(folder) for folder in SCRIPT_FOLDERS if str(folder) not in sys.path]
 

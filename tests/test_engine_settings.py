@@ -78,3 +78,18 @@ def test_reconfigure_to_a_method_without_alpha_and_back():
         engine.reconfigure(method="multistep", alpha=0.3)
     engine.reconfigure(method="lookbehind", alpha="adaptive")
     assert (engine.alpha, engine.adaptive_scope) == ("adaptive", "per_tensor")
+
+
+class ModalSGD(torch.optim.SGD):
+    """SGD with the train()/eval() modes of a schedule-free optimizer."""
+
+    def train(self) -> None:
+        pass
+
+    def eval(self) -> None:
+        pass
+
+
+def test_a_schedule_free_base_optimizer_is_refused():
+    with pytest.raises(ValueError, match="schedule-free"):
+        Lookbehind(ModalSGD(make_model().parameters(), lr=0.1))

@@ -4,13 +4,12 @@ only, and the saved adapter reloaded and evaluated by a plain SFTTrainer."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
+import run_sft
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -19,11 +18,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "sft"
-# The recipe imports nothing beside it: load the script by its path.
-_spec = importlib.util.spec_from_file_location("run_sft", RECIPE / "run_sft.py")
-run_sft = sys.modules["run_sft"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(run_sft)
-
 STEPS = 4
 METHODS = {  # the README's four methods, and their passes per step
     "adamw": (["--lookbehind_method", "none"], 1),
