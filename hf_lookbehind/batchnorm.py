@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .multi_tensor import select_
+
 BATCHNORM_UPDATES = ("first_pass", "every_pass")
 
 
@@ -36,14 +38,18 @@ def frozen_running_stats(modules: list[_BatchNorm]) -> Iterator[None]:
 class RunningStatsGuard:
     """A copy of the BatchNorm running statistics taken at the start of a step, to put back
     when the step is skipped (a non-finite value) or fails (an exception), so that such a step
-    leaves the whole model as it was. The floating-point statistics and the integer batch
-    counters are each saved and restored with a few foreach kernels, without a host read."""
+    leaves the whole model as it was. A few multi-tensor kernels per step whatever the number
+    of layers, and no host read: the floating-point statistics are selected bit for bit
+    (:func:`~hf_lookbehind.multi_tensor.select_`), and the batch counters lose the passes of
+    the step that counted them."""
 
     def __init__(self, modules: list[_BatchNorm]) -> None:
         self.modules = modules
         self.floats: list[torch.Tensor] = []
         self.counters: list[torch.Tensor] = []
-        self._saved: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self._saved: list[torch.Tensor] = []
+        self._saved_counters: list[torch.Tensor] = []
+        self.tracked_passes = 0
 
     def save(self) -> None:
         """Copy the statistics (read from the modules each time: ``model.to()`` replaces them)."""
@@ -55,34 +61,26 @@ class RunningStatsGuard:
         ]
         self.floats = [b for b in buffers if b.is_floating_point()]
         self.counters = [b for b in buffers if not b.is_floating_point()]
-        self._saved = tuple(
-            torch._foreach_clone(group) if group else [] for group in (self.floats, self.counters)
-        )
+        self._saved = torch._foreach_clone(self.floats) if self.floats else []
+        # For an exception, which may come after a forward pass counted but before it returned.
+        self._saved_counters = torch._foreach_clone(self.counters) if self.counters else []
+        self.tracked_passes = 0
 
-    def finite(self) -> torch.Tensor | None:
-        """A 0-d device flag: every floating-point statistic is finite (None without any)."""
-        if not self.floats:
-            return None
-        return torch.isfinite(torch.stack(torch._foreach_norm(self.floats)).sum())
+    def count_pass(self) -> None:
+        """A pass of the step updated the statistics (each adds one to the batch counters)."""
+        self.tracked_passes += 1
 
-    def restore(self, keep: torch.Tensor | None = None) -> None:
-        """Put the saved statistics back; with ``keep`` (a 0-d 0/1 device tensor) only where it
-        is 0. ``x ** 1`` is ``x`` and ``x ** 0`` is 1 even for NaN, so ``x ** keep * keep`` is
-        ``x`` or 0, and a lerp towards the saved copy with weight ``1 - keep`` returns either
-        end exactly."""
-        saved_floats, saved_counters = self._saved
-        if keep is None:
-            for current, saved in ((self.floats, saved_floats), (self.counters, saved_counters)):
-                if current:
-                    torch._foreach_copy_(current, saved)
+    def restore(self, drop: torch.Tensor | None = None) -> None:
+        """Put the saved statistics back: all of them, or, with ``drop`` (a 0-d bool device
+        tensor), where it is set (keeping the current ones where it is not)."""
+        if drop is None:
+            if self.floats:
+                torch._foreach_copy_(self.floats, self._saved)
+            if self.counters:
+                torch._foreach_copy_(self.counters, self._saved_counters)
             return
         if self.floats:
-            weight = keep.to(self.floats[0].dtype)
-            count = len(self.floats)
-            torch._foreach_pow_(self.floats, [weight] * count)  # a 0-d tensor list: no host read
-            torch._foreach_mul_(self.floats, weight)
-            torch._foreach_lerp_(self.floats, saved_floats, [1 - weight] * count)
-        if self.counters:
-            torch._foreach_sub_(self.counters, saved_counters)
-            torch._foreach_mul_(self.counters, keep.to(self.counters[0].dtype))
-            torch._foreach_add_(self.counters, saved_counters)
+            select_(self.floats, self._saved, drop)
+        if self.counters and self.tracked_passes:
+            counted = drop.to(self.counters[0].dtype)
+            torch._foreach_add_(self.counters, counted, alpha=-self.tracked_passes)

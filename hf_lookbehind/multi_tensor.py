@@ -157,12 +157,19 @@ def zero_nonfinite_(grads: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
         torch._foreach_mul_([bits[i].view(integer) for i in indices], keep.to(integer))
 
 
-def lerp_(starts: Sequence[torch.Tensor], ends: Sequence[torch.Tensor], weights) -> None:
-    """``start <- start + w (end - start)`` with 0-d device weights (one per tensor, or one
-    shared). Uses ``torch.lerp``'s formula, which returns ``start`` exactly for ``w = 0`` and
-    ``end`` exactly for ``w = 1``; the weights are never read on the host."""
-    if not starts:
-        return
-    if isinstance(weights, torch.Tensor):
-        weights = [weights] * len(starts)
-    torch._foreach_lerp_(local_shards(starts), local_shards(ends), list(weights))
+def select_(
+    targets: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], take: torch.Tensor
+) -> None:
+    """``target <- source`` where ``take`` (a 0-d bool device tensor) is set, else unchanged,
+    bit for bit (NaN and inf included); ``sources`` are overwritten (scratch). Integer views of
+    the same width: ``t * (1 - take) + s * take`` with one device scalar per kernel, so each
+    multi-tensor kernel covers the whole list, and nothing is read on the host."""
+    targets, sources = local_shards(targets), local_shards(sources)
+    for dtype, indices in by_dtype(targets).items():
+        integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
+        kept = [targets[i].view(integer) for i in indices]
+        taken = [sources[i].view(integer) for i in indices]
+        chosen = take.to(integer)
+        torch._foreach_mul_(taken, chosen)
+        torch._foreach_mul_(kept, 1 - chosen)
+        torch._foreach_add_(kept, taken)

@@ -57,7 +57,7 @@ from .multi_tensor import (
     copy_into_buffers,
     copy_values_,
     global_norm,
-    lerp_,
+    per_tensor_norms,
     swap_storage,
     zero_nonfinite_,
 )
@@ -202,6 +202,7 @@ class Lookbehind(torch.optim.Optimizer):
         self._apply_settings(settings)
         self._batchnorms = batchnorm_modules(model)
         self._running_stats = RunningStatsGuard(self._batchnorms)
+        self._fresh_statistics = False  # the last pass updated the BatchNorm statistics
         self._transaction = _StepTransaction()
         self.last_ascent_grad_norm: torch.Tensor | None = None
         self.last_perturbation_distance: torch.Tensor | None = None
@@ -447,18 +448,11 @@ class Lookbehind(torch.optim.Optimizer):
         stats = frozen_running_stats(self._batchnorms) if freeze else contextlib.nullcontext()
         with torch.enable_grad(), stats:
             loss = closure()
-        if not freeze:
-            self._check_running_stats()
+        if self._batchnorms and not freeze:
+            self._running_stats.count_pass()
+            self._fresh_statistics = True
         self.after_backward()
         return loss
-
-    def _check_running_stats(self) -> None:
-        """A pass that updated BatchNorm statistics: a non-finite statistic fails the outer step
-        like a non-finite gradient (the statistics are then restored at the end of the step)."""
-        finite = self._running_stats.finite()
-        if finite is not None:
-            nonfinite, _ = self._run_tensors(finite.device)
-            nonfinite.logical_or_(~finite)
 
     def checked_gradients(self) -> CheckedGradients:
         """Gradients of the last pass and their global norm. A non-finite norm marks the outer
@@ -471,12 +465,17 @@ class Lookbehind(torch.optim.Optimizer):
             raise RuntimeError(
                 "the closure produced no gradient: it must compute the loss and call backward()"
             )
-        norm = global_norm(grads)
+        # The BatchNorm statistics a pass updated ride along in the same multi-tensor norm: a
+        # non-finite statistic fails the outer step like a non-finite gradient.
+        statistics = self._running_stats.floats if self._fresh_statistics else []
+        self._fresh_statistics = False
+        norms = per_tensor_norms([*grads, *statistics])
+        norm = torch.linalg.vector_norm(norms[: len(grads)] if statistics else norms)
+        watched = norms.sum() if statistics else norm
         nonfinite, _ = self._run_tensors(grads[0].device)
-        nonfinite.logical_or_(~torch.isfinite(norm))
-        keep = self.keep_factor(grads[0].dtype)
-        zero_nonfinite_(grads, keep)
-        self._checked_norm = torch.nan_to_num(norm * keep.to(norm.dtype), nan=0.0)
+        nonfinite.logical_or_(watched * 0 != 0)  # NaN or inf: two kernels where isfinite takes five
+        zero_nonfinite_(grads, ~nonfinite)
+        self._checked_norm = norm.masked_fill(nonfinite, 0.0)
         return self.ascent_gradients(CheckedGradients(params, grads, scaled, self._checked_norm))
 
     def forget_checked_norm(self) -> None:
@@ -546,17 +545,24 @@ class Lookbehind(torch.optim.Optimizer):
         the non-finite flag; then count a skip and reset the flag."""
         fast = self.buffers(FAST)
         keep = self.keep_factor(slow[0].dtype)
+        local_slow, local_fast = local_shards(slow), local_shards(fast)
         if self.alpha == "adaptive":
             first = self.buffers(FIRST_FAST)
-            local_slow, local_fast = local_shards(slow), local_shards(fast)
             torch._foreach_sub_(local_shards(first), local_slow)
             torch._foreach_sub_(local_fast, local_slow)
             alpha = adaptive_alpha(first, fast, self.adaptive_scope)
-            weights = (alpha * keep).expand(len(slow)).to(slow[0].dtype)
-            torch._foreach_addcmul_(local_slow, local_fast, list(weights.unbind()))
         else:
-            lerp_(slow, fast, keep * float(self.alpha))  # Python scalar x gate: no host copy
             alpha = keep.new_full((), float(self.alpha))
+            torch._foreach_sub_(local_fast, local_slow)
+        # S + (keep alpha)(F - S); keep = 0 returns S exactly. One weight for the whole list
+        # is one multi-tensor kernel; one weight per tensor (adaptive, per_tensor) has no
+        # single-kernel form in torch (a list of 0-d weights runs tensor by tensor on CUDA).
+        weight = (alpha * keep).to(slow[0].dtype)
+        if weight.dim() == 0:
+            torch._foreach_mul_(local_fast, weight)
+            torch._foreach_add_(local_slow, local_fast)
+        else:
+            torch._foreach_addcmul_(local_slow, local_fast, list(weight.unbind()))
         self.param_groups[0][LAST_ALPHA] = alpha
         self.close_cycle()
 
@@ -650,7 +656,7 @@ class Lookbehind(torch.optim.Optimizer):
         if flag is None:
             return
         if self._batchnorms:
-            self._running_stats.restore(keep=~flag)
+            self._running_stats.restore(drop=flag)
         if self.cycle_position == 0:
             flag.zero_()
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .multi_tensor import copy_into_buffers, copy_values_, lerp_
+from .multi_tensor import copy_into_buffers, copy_values_, select_
 
 if TYPE_CHECKING:
     from .optimizer import Closure, Lookbehind
@@ -128,8 +128,7 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     if average:
         _load_gradient_sum(engine, GRAD_SUM, summed, divisor=float(engine.k))
     engine.base_update()
-    # A skipped step restores S exactly: lerp with weight 1 returns its end point.
-    lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
+    select_([p.data for p in params], slow, engine.nonfinite_flag)  # a skipped step keeps S
     engine.close_cycle()
     return loss
 
@@ -222,8 +221,7 @@ def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch
     if engine.method == "sam":
         _load_gradient_sum(engine, sums[0], summed[sums[0]], divisor=1.0)
         engine.base_update()
-        # A skipped step restores S exactly: lerp with weight 1 returns its end point.
-        lerp_([p.data for p in params], slow, engine.nonfinite_flag.to(slow[0].dtype))
+        select_([p.data for p in params], slow, engine.nonfinite_flag)  # a skipped step keeps S
         engine.close_cycle()
         return loss
     copy_into_buffers(params, state, FAST)  # F_0 = S

@@ -13,6 +13,7 @@ from hf_lookbehind.multi_tensor import (
     local_square_sums,
     per_tensor_norms,
     scratch_like,
+    select_,
     zero_nonfinite_,
 )
 from hf_lookbehind.perturbation import _scale_by_asam_factor_
@@ -39,6 +40,21 @@ def test_a_kept_gradient_is_bit_identical_and_a_discarded_one_is_zero(dtype):
     zero_nonfinite_(grads, torch.zeros((), dtype=dtype))
     for g in grads:
         assert torch.equal(_bits(g), torch.zeros_like(_bits(g)))  # +0.0 everywhere
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_select_takes_either_list_bit_for_bit(dtype):
+    """Where ``take`` is set the targets become the sources, else they stay, NaN payloads,
+    infinities and -0.0 included on both sides."""
+    generator = torch.Generator().manual_seed(1)
+    specials = torch.tensor(SPECIALS).to(dtype)
+    for take in (False, True):
+        targets = [specials.clone(), torch.randn(3, 4, generator=generator).to(dtype).t()]
+        sources = [specials.flip(0).clone(), torch.randn(3, 4, generator=generator).to(dtype).t()]
+        expected = [(s if take else t).clone() for t, s in zip(targets, sources)]
+        select_(targets, sources, torch.tensor(take))
+        for got, want in zip(targets, expected):
+            assert torch.equal(_bits(got), _bits(want))
 
 
 def test_mixed_dtypes_are_gated_together():
