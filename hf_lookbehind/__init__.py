@@ -10,16 +10,21 @@ from typing import Any
 from .alpha import adaptive_alpha
 from .optimizer import Lookbehind
 from .param_groups import asam_param_groups
+from .perturbation import ASAM, SAM, FisherSAM, Perturbation
 from .settings import METHODS
 
 __all__ = [
+    "ASAM",
     "METHODS",
+    "SAM",
     "EpochTimer",
+    "FisherSAM",
     "Lookbehind",
     "LookbehindConfig",
     "LookbehindMixin",
     "LookbehindTrainer",
     "LookbehindTrainingArguments",
+    "Perturbation",
     "adaptive_alpha",
     "asam_param_groups",
 ]

@@ -61,7 +61,7 @@ from .multi_tensor import (
     swap_storage,
     zero_nonfinite_,
 )
-from .perturbation import ascend_
+from .perturbation import PERTURBATIONS, Perturbation, describe_perturbation, perturbation_for
 from .schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent, schedule_for
 from .settings import METHODS, applicable_settings, refuse_schedule_free, validate_settings
 from .sharding import local_shards
@@ -87,7 +87,6 @@ _FIXED_KEYS = (
     "minibatch_switching",
     "adaptive",
     "perturbation",
-    "asam_eta",
     "adaptive_scope",
     "micro_batch_ascent",
 )
@@ -116,7 +115,9 @@ class Lookbehind(torch.optim.Optimizer):
         alpha: slow-weight step size in (0, 1] (default 0.5), or ``"adaptive"`` (eq. 7-8,
             lookbehind only); for lookbehind and lookahead, refused for the other methods.
         rho: neighbourhood radius of the ascent step (default 0.05).
-        perturbation: ``sam`` (eq. 3), ``asam`` (eq. 4) or ``none`` (lookahead only).
+        perturbation: the ascent step: ``sam`` (eq. 3), ``asam`` (eq. 4), ``fisher``
+            (Fisher-SAM), ``none`` (lookahead only), or any
+            :class:`~hf_lookbehind.perturbation.Perturbation` (a SAM variant of your own).
         asam_eta: eta of ASAM's ``T = |w| + eta`` (default 0.01; ASAM only). Which tensors ASAM
             rescales is the ``asam_scale`` setting of each parameter group (default True; see
             :func:`hf_lookbehind.asam_param_groups` for the public ASAM code's grouping).
@@ -147,7 +148,7 @@ class Lookbehind(torch.optim.Optimizer):
         k: int | None = None,
         alpha: float | str | None = None,
         rho: float | None = None,
-        perturbation: str = "sam",
+        perturbation: str | Perturbation = "sam",
         asam_eta: float | None = None,
         adaptive_scope: str | None = None,
         minibatch_switching: bool = False,
@@ -213,6 +214,8 @@ class Lookbehind(torch.optim.Optimizer):
     def _apply_settings(self, settings: dict[str, Any]) -> None:
         for name, value in settings.items():
             setattr(self, name, value)
+        none = self.perturbation == "none"
+        self._ascent = None if none else perturbation_for(self.perturbation, self.asam_eta)
 
     # ----------------------------------------------------------------- configuration and state
     @property
@@ -234,8 +237,11 @@ class Lookbehind(torch.optim.Optimizer):
 
     @property
     def config(self) -> dict[str, Any]:
-        """:attr:`settings` and whether alpha is adaptive: what a checkpoint records."""
-        return {**self.settings, "adaptive": self.alpha == "adaptive"}
+        """:attr:`settings` (the perturbation as it is described, with its hyper-parameters) and
+        whether alpha is adaptive: what a checkpoint records."""
+        config = {**self.settings, "adaptive": self.alpha == "adaptive"}
+        config["perturbation"] = describe_perturbation(self.perturbation, config.pop("asam_eta"))
+        return config
 
     def reconfigure(self, **changes: Any) -> None:
         """Switch to another setup between outer steps, keeping the base optimizer's state
@@ -347,6 +353,9 @@ class Lookbehind(torch.optim.Optimizer):
         if saved is None:
             return
         saved = applicable_settings(saved)  # older checkpoints recorded unread settings too
+        if saved.get("perturbation") in PERTURBATIONS:  # and named the perturbation only
+            eta = saved.pop("asam_eta", None)
+            saved["perturbation"] = describe_perturbation(saved["perturbation"], eta)
         position = run.get(CYCLE_POSITION, 0)
         changed = {
             key: (saved.get(key), value)
@@ -487,13 +496,11 @@ class Lookbehind(torch.optim.Optimizer):
         """``P <- P + eps(g)`` (eq. 3 or 4). In same-batch mode a descent may have clipped ``g``
         in place first; the direction is the same, and the norm is then recomputed so that the
         step keeps its radius rho (clipping never touches the ascent)."""
-        ascend_(
+        self._ascent.ascend_(
             checked.params,
             checked.grads,
             rho=self.rho,
-            perturbation=self.perturbation,
-            asam_eta=self.asam_eta,
-            asam_scaled=checked.scaled,
+            scaled=checked.scaled,
             grad_norm=None if self.max_grad_norm is not None else checked.norm,
         )
 

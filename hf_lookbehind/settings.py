@@ -13,7 +13,7 @@ from typing import Any
 
 from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
-from .perturbation import PERTURBATIONS
+from .perturbation import PERTURBATIONS, Perturbation
 
 METHODS = ("lookbehind", "sam", "multistep", "multistep_avg", "lookahead")
 # Methods with a slow-weight step ``S <- S + alpha (F_k - S)``.
@@ -106,7 +106,7 @@ def validate_settings(
     k: int | None = None,
     alpha: float | str | None = None,
     rho: float | None = None,
-    perturbation: str = "sam",
+    perturbation: str | Perturbation = "sam",
     asam_eta: float | None = None,
     adaptive_scope: str | None = None,
     minibatch_switching: bool = False,
@@ -129,7 +129,8 @@ def validate_settings(
 
     # Every given value is checked first, whatever the method; then whether the method reads it.
     alpha = parse_alpha(alpha)
-    _check_choice("perturbation", perturbation, PERTURBATIONS)
+    if not isinstance(perturbation, Perturbation):
+        _check_choice("perturbation", perturbation, PERTURBATIONS)
     if rho is not None:
         rho = _check_nonnegative("rho", rho)
     if asam_eta is not None:

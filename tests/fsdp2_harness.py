@@ -41,6 +41,7 @@ SETUPS = {
     "clipped": dict(k=2, max_grad_norm=0.05),
     "multistep_avg": dict(method="multistep_avg", k=2),
     "lookahead_sam": dict(method="lookahead", k=3),
+    "switching_fisher": dict(k=2, minibatch_switching=True, perturbation="fisher", rho=0.1),
 }
 
 

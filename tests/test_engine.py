@@ -321,7 +321,7 @@ def test_batchnorm_every_pass_policy_updates_statistics_on_each_pass():
         (dict(rho=math.inf), "rho must be a finite number >= 0"),
         (dict(asam_eta=-1.0), "asam_eta must be a finite number >= 0"),
         (dict(method="adam"), "unknown method 'adam'; allowed: lookbehind, sam"),
-        (dict(perturbation="gsam"), "unknown perturbation 'gsam'; allowed: sam, asam, none"),
+        (dict(perturbation="gsam"), "unknown perturbation 'gsam'; allowed: sam, asam, fisher"),
         (dict(perturbation="none"), "perturbation='none' is for method='lookahead'"),
         (dict(adaptive_scope="layer"), "unknown adaptive_scope 'layer'"),
         (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),

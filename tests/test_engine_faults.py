@@ -366,10 +366,10 @@ def test_rho_and_alpha_may_change_between_outer_steps_and_are_logged(changes, ca
 @pytest.mark.parametrize(
     "name,changes,named",
     [
-        ("switching", dict(perturbation="asam"), "perturbation='sam' (now 'asam')"),
+        ("switching", dict(perturbation="asam"), "perturbation='SAM()' (now 'ASAM(eta=0.01)')"),
         ("switching", dict(alpha="adaptive"), "adaptive=False (now True)"),
         ("switching_adaptive", dict(adaptive_scope="global"), "adaptive_scope='per_tensor'"),
-        ("asam", dict(asam_eta=0.1), "asam_eta=0.01 (now 0.1)"),
+        ("asam", dict(asam_eta=0.1), "perturbation='ASAM(eta=0.01)' (now 'ASAM(eta=0.1)')"),
         ("lookbehind", dict(k=3), "k=2 (now 3)"),
     ],
 )

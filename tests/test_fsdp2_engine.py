@@ -26,6 +26,7 @@ BUFFER_COPIES = {
     "asam_weights_only": 1,
     "clipped": 2,
     "lookahead_sam": 2,
+    "switching_fisher": 2,
 }
 
 
