@@ -53,6 +53,7 @@ from torch import nn
 
 from .alpha import adaptive_alpha
 from .batchnorm import RunningStatsGuard, batchnorm_modules, frozen_running_stats
+from .distributed import agree_on_flag_, average_, world_size
 from .multi_tensor import (
     copy_into_buffers,
     copy_values_,
@@ -92,6 +93,8 @@ _FIXED_KEYS = (
 )
 
 Closure = Callable[[], torch.Tensor]
+# This process's own gradient, for per-device ascent.
+LOCAL_GRAD = "lookbehind_local_grad"
 _logger = logging.getLogger(__name__)
 
 
@@ -135,7 +138,17 @@ class Lookbehind(torch.optim.Optimizer):
         micro_batch_ascent: m-SAM (Table 9): ``step`` takes a sequence of closures, one per
             micro-batch, each perturbed with its own gradient; the descent uses the sum of their
             gradients (see :func:`hf_lookbehind.schedules.micro_batch_ascent`). For ``sam`` and
-            same-batch ``lookbehind``.
+            same-batch ``lookbehind``. Under DDP, run each micro-batch's closure without
+            all-reduce (``model.no_sync()``): the engine averages the gradient sums.
+        ascent_sync: ``global`` (default: the gradients a pass leaves are the ascent's) or
+            ``per_device``: under DDP each process perturbs with its own gradient and descends
+            with the average (m-SAM with m the per-process batch); the closure must run without
+            all-reduce (``model.no_sync()``), and the engine averages (see
+            :mod:`hf_lookbehind.distributed`).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16: the closure scales the loss
+            (``grad_scaler.scale(loss).backward()``), and the engine unscales every pass and
+            updates the scale; an overflow skips the outer step. Do not call
+            ``grad_scaler.step``/``update`` yourself.
 
     A setting given where the method does not read it is refused, so none is silently ignored.
     """
@@ -156,6 +169,8 @@ class Lookbehind(torch.optim.Optimizer):
         batchnorm_update: str | None = None,
         max_grad_norm: float | None = None,
         micro_batch_ascent: bool = False,
+        ascent_sync: str = "global",
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if isinstance(base_optimizer, Lookbehind):
             raise TypeError(
@@ -187,6 +202,7 @@ class Lookbehind(torch.optim.Optimizer):
             batchnorm_update=batchnorm_update,
             max_grad_norm=max_grad_norm,
             micro_batch_ascent=micro_batch_ascent,
+            ascent_sync=ascent_sync,
         )
         if model is not None and settings["batchnorm_update"] is None:
             settings["batchnorm_update"] = "first_pass"
@@ -203,6 +219,7 @@ class Lookbehind(torch.optim.Optimizer):
         self._apply_settings(settings)
         self._batchnorms = batchnorm_modules(model)
         self._running_stats = RunningStatsGuard(self._batchnorms)
+        self.grad_scaler = grad_scaler
         self._fresh_statistics = False  # the last pass updated the BatchNorm statistics
         self._transaction = _StepTransaction()
         self.last_ascent_grad_norm: torch.Tensor | None = None
@@ -233,6 +250,7 @@ class Lookbehind(torch.optim.Optimizer):
             "batchnorm_update": self.batchnorm_update,
             "max_grad_norm": self.max_grad_norm,
             "micro_batch_ascent": self.micro_batch_ascent,
+            "ascent_sync": self.ascent_sync,
         }
 
     @property
@@ -592,21 +610,41 @@ class Lookbehind(torch.optim.Optimizer):
         torch._foreach_sub_(local_shards(perturbed), local_shards(slow))
         self.last_perturbation_distance = global_norm(perturbed)
 
-    # ----------------------------------------------------------------------------- hooks
+    # ------------------------------------------------------ mixed precision and processes
+    @property
+    def per_device_ascent(self) -> bool:
+        """``ascent_sync="per_device"`` with more than one process."""
+        return self.ascent_sync == "per_device" and world_size() > 1
+
     def after_backward(self) -> None:
-        """Hook run after every forward/backward pass, before the gradients are checked (the
-        Trainer unscales fp16 gradients here). Does nothing by default."""
+        """After every pass, before the check: unscale fp16 gradients (and update the scale),
+        and for per-device ascent keep this process's gradient and average them."""
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            self.grad_scaler.unscale_(self.base_optimizer)
+            self.grad_scaler.update()
+        if self.per_device_ascent:
+            params, grads, _ = self.gradients()
+            for p, grad in zip(params, grads, strict=True):
+                if LOCAL_GRAD not in self.lookbehind_state[p]:
+                    self.lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
+            copy_values_([self.lookbehind_state[p][LOCAL_GRAD] for p in params], grads)
+            average_(grads)
 
     def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
-        """Hook choosing the gradients the next ascent step uses; by default the checked
-        gradients themselves (the Trainer substitutes each process's own gradient for
-        per-device ascent)."""
-        return checked
+        """The gradients the next ascent uses: the checked (averaged) ones, or with per-device
+        ascent this process's own (zeroed too when the step failed anywhere)."""
+        if not self.per_device_ascent:
+            return checked
+        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in checked.params]
+        zero_nonfinite_(local, ~self.nonfinite_flag)
+        return checked._replace(grads=local, norm=global_norm(local))
 
     def synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
-        """Hook for m-SAM (``micro_batch_ascent``): the gradient sums of the k inner steps,
-        before the descents. The Trainer averages them, and the non-finite flag, over the
-        processes. Does nothing by default."""
+        """m-SAM: with more than one process, average the k gradient sums over them, and skip
+        the step everywhere if any process saw a non-finite value."""
+        if world_size() > 1:
+            average_(sums)
+            agree_on_flag_(self.nonfinite_flag)
 
     # ------------------------------------------------------------------------------- step
     @torch.no_grad()

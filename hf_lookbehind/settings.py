@@ -13,6 +13,7 @@ from typing import Any
 
 from .alpha import ADAPTIVE_SCOPES
 from .batchnorm import BATCHNORM_UPDATES
+from .distributed import ASCENT_SYNCS
 from .perturbation import PERTURBATIONS, Perturbation
 
 METHODS = ("lookbehind", "sam", "multistep", "multistep_avg", "lookahead")
@@ -113,6 +114,7 @@ def validate_settings(
     batchnorm_update: str | None = None,
     max_grad_norm: float | None = None,
     micro_batch_ascent: bool = False,
+    ascent_sync: str = "global",
 ) -> dict[str, Any]:
     """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
 
@@ -180,6 +182,16 @@ def validate_settings(
             f"in same-batch mode, not method={method!r}"
             + (" with minibatch_switching" if minibatch_switching else "")
         )
+    _check_choice("ascent_sync", ascent_sync, ASCENT_SYNCS)
+    if ascent_sync == "per_device" and perturbation == "none":
+        _refuse_unread("ascent_sync", ascent_sync, "global", "perturbation='none' takes no ascent")
+    if ascent_sync == "per_device" and micro_batch_ascent:
+        _refuse_unread(
+            "ascent_sync",
+            ascent_sync,
+            "global",
+            "micro_batch_ascent perturbs every micro-batch with its own gradient already",
+        )
     if max_grad_norm is not None:
         max_grad_norm = _check_nonnegative("max_grad_norm", max_grad_norm)
         if max_grad_norm == 0:
@@ -196,4 +208,5 @@ def validate_settings(
         "batchnorm_update": batchnorm_update,
         "max_grad_norm": max_grad_norm,
         "micro_batch_ascent": bool(micro_batch_ascent),
+        "ascent_sync": ascent_sync,
     }

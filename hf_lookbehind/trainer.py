@@ -40,7 +40,6 @@ import warnings
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel, Trainer, TrainerState
@@ -56,8 +55,7 @@ from transformers.utils import (
 )
 
 from .method_window import MethodWindow
-from .multi_tensor import global_norm, zero_nonfinite_
-from .optimizer import CONFIG, CheckedGradients, Lookbehind
+from .optimizer import CONFIG, Lookbehind
 from .settings import refuse_schedule_free, validate_settings
 from .trainer_passes import (
     Closure,
@@ -73,37 +71,21 @@ from .training_args import (
     check_sharding,
 )
 
-LOCAL_GRAD = "lookbehind_local_grad"
 OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
 
 logger = logging.getLogger(__name__)
 
 
 class _TrainerLookbehind(Lookbehind):
-    """The engine as the Trainer drives it: passes go through the accelerator's GradScaler,
-    ``ascent_sync="per_device"`` perturbs with each process's own gradient, and the Trainer's
-    own ``optimizer.step()`` after the step is a no-op."""
+    """The engine as the Trainer drives it: a method window (Sec. 5.4), and the Trainer's own
+    ``optimizer.step()`` after the step is a no-op. Mixed precision and per-device ascent are
+    the engine's (``grad_scaler``, ``ascent_sync``)."""
 
     def __init__(
-        self,
-        *args: Any,
-        ascent_sync: str = "global",
-        method_window: MethodWindow | None = None,
-        **kwargs: Any,
+        self, *args: Any, method_window: MethodWindow | None = None, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.ascent_sync = ascent_sync
         self.method_window = method_window
-        self.grad_scaler: torch.amp.GradScaler | None = None
-
-    @property
-    def per_device_ascent(self) -> bool:
-        return (
-            self.ascent_sync == "per_device"
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        )
 
     def step(self, closure=None):  # type: ignore[override]
         if closure is None:  # the Trainer's optimizer.step(): the work is done already
@@ -128,49 +110,6 @@ class _TrainerLookbehind(Lookbehind):
             if phase is not None:
                 self.reconfigure(**phase)
         super().load_state_dict(state_dict)
-
-    def after_backward(self) -> None:
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            self.grad_scaler.unscale_(self.base_optimizer)
-            self.grad_scaler.update()
-        if self.per_device_ascent:
-            self._keep_local_and_average_gradients()
-
-    def _keep_local_and_average_gradients(self) -> None:
-        """Per-device ascent (m-SAM, m = per-device batch): the pass ran without DDP's
-        all-reduce; keep this process's gradient for the ascent (one extra parameter-sized
-        buffer) and average the gradients over the processes for the descent."""
-        params, grads, _ = self.gradients()
-        for p, grad in zip(params, grads):
-            if LOCAL_GRAD not in self.lookbehind_state[p]:
-                self.lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
-        torch._foreach_copy_([self.lookbehind_state[p][LOCAL_GRAD] for p in params], grads)
-        world_size = dist.get_world_size()
-        handles = [dist.all_reduce(grad, async_op=True) for grad in grads]
-        for handle in handles:
-            handle.wait()
-        torch._foreach_div_(grads, float(world_size))
-
-    def synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
-        """m-SAM under DDP: every process ran its micro-batches without all-reduce; average the
-        gradient sums over the processes, and skip the step everywhere if any process saw a
-        non-finite gradient (its own sums were zeroed from that pass on)."""
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return
-        flag = self.nonfinite_flag.to(torch.int32)
-        handles = [dist.all_reduce(t, async_op=True) for t in sums]
-        handles.append(dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True))
-        for handle in handles:
-            handle.wait()
-        torch._foreach_div_(sums, float(dist.get_world_size()))
-        self.nonfinite_flag.copy_(flag.bool())
-
-    def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
-        if not self.per_device_ascent:
-            return checked
-        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in checked.params]
-        zero_nonfinite_(local, self.keep_factor(local[0].dtype))  # bad anywhere: averaged too
-        return checked._replace(grads=local, norm=global_norm(local))
 
 
 def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
@@ -488,7 +427,6 @@ class LookbehindMixin:
         self.optimizer = _TrainerLookbehind(
             base,
             model=self.model,
-            ascent_sync=config.ascent_sync,
             method_window=config.method_window(),
             **config.lookbehind_kwargs(self.args.max_grad_norm),
         )

@@ -252,11 +252,6 @@ class LookbehindConfig:
                 "--asam_weights_only false",
                 f"--perturbation {settings['perturbation']} is not ASAM",
             ),
-            (
-                self.ascent_sync != "global" and settings["perturbation"] == "none",
-                f"--ascent_sync {self.ascent_sync}",
-                "--perturbation none takes no ascent step",
-            ),
         ]
         for refused, flag, reason in unread:
             if refused:
@@ -332,6 +327,7 @@ class LookbehindConfig:
             "batchnorm_update": self.batchnorm_update,
             "max_grad_norm": max_grad_norm or None,
             "micro_batch_ascent": self.ascent_sync == "per_micro_batch",
+            "ascent_sync": "per_device" if self.ascent_sync == "per_device" else "global",
         }
 
 

@@ -546,7 +546,7 @@ def test_flags_not_given_take_the_engines_defaults():
         (dict(asam_weights_only=False), "--asam_weights_only false has no effect: --perturbation"),
         (
             dict(lookbehind_method="lookahead", perturbation="none", ascent_sync="per_device"),
-            "--ascent_sync per_device has no effect",
+            "ascent_sync='per_device' has no effect",
         ),
     ],
 )
