@@ -71,5 +71,6 @@ def test_readme_example_runs(index, tmp_path, monkeypatch):
     if "LookbehindTrainingArguments(" in block:  # a few steps on the CPU, no reports
         block = block.replace("rho=0.05,", "rho=0.05, max_steps=2, use_cpu=True, report_to=[],")
     exec(compile(block, f"README.md python block {index}", "exec"), namespace)
-    moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), before))
-    assert moved > 0  # the example trained the model
+    if ".step(" in block or ".train(" in block:
+        moved = max((p - q).abs().max().item() for p, q in zip(model.parameters(), before))
+        assert moved > 0  # the example trained the model
