@@ -67,7 +67,14 @@ from .schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent,
 from .settings import METHODS, applicable_settings, refuse_schedule_free, validate_settings
 from .sharding import local_shards
 
-__all__ = ["BUFFERS", "METHODS", "CheckedGradients", "Lookbehind"]
+__all__ = [
+    "BUFFERS",
+    "METHODS",
+    "BufferFootprint",
+    "CheckedGradients",
+    "Lookbehind",
+    "LookbehindStats",
+]
 
 # Per-parameter buffers (``schedules.BUFFERS``) live in ``Lookbehind.lookbehind_state``, apart
 # from the base optimizer's ``state`` (which optimizers such as Adam initialise only while it is
@@ -106,6 +113,37 @@ class CheckedGradients(NamedTuple):
     grads: list[torch.Tensor]
     scaled: list[bool]
     norm: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LookbehindStats:
+    """The engine's diagnostics after the last step, read from the device once (call it when
+    logging, not every step): None where the method has none yet."""
+
+    alpha: float | None  # mean alpha of the last slow-weight update (eq. 7-8 when adaptive)
+    ascent_grad_norm: float | None  # ||g|| of the first ascent of the last step
+    perturbation_distance: float | None  # ||P_k - S|| of the last outer step
+    descent_grad_norm: float | None  # ||g|| of the last descent, before clipping
+    skipped_steps: int  # outer steps discarded for a non-finite value or an exception
+    gradient_computations: int  # forward/backward passes over the batch (Table 10)
+
+    def logs(self) -> dict[str, float]:
+        """The entries a training log gets (the Trainer's names), without the missing ones."""
+        named = {
+            "lookbehind_alpha": self.alpha,
+            "ascent_grad_norm": self.ascent_grad_norm,
+            "perturbation_distance": self.perturbation_distance,
+            "skipped_steps": self.skipped_steps,
+        }
+        return {key: value for key, value in named.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class BufferFootprint:
+    """The engine's own buffers on this process (its shard of them under FSDP2)."""
+
+    bytes: int
+    parameter_copies: float  # buffer elements over the optimizer's parameter elements
 
 
 class Lookbehind(torch.optim.Optimizer):
@@ -290,6 +328,36 @@ class Lookbehind(torch.optim.Optimizer):
         run.setdefault(LAST_ALPHA, None)
         run.setdefault(GRADIENT_COMPUTATIONS, 0)
         run[CONFIG] = self.config
+
+    def stats(self) -> LookbehindStats:
+        """The diagnostics for a log, as host numbers (one read per value: a synchronisation on
+        a GPU, so call it at logging time)."""
+
+        def read(value: torch.Tensor | None) -> float | None:
+            return None if value is None else value.float().mean().item()
+
+        skipped = self.skipped_steps
+        return LookbehindStats(
+            alpha=read(self.last_alpha),
+            ascent_grad_norm=read(self.last_ascent_grad_norm),
+            perturbation_distance=read(self.last_perturbation_distance),
+            descent_grad_norm=read(self.last_descent_grad_norm),
+            skipped_steps=0 if skipped is None else int(skipped.item()),
+            gradient_computations=self.gradient_computations,
+        )
+
+    def buffer_footprint(self) -> BufferFootprint:
+        """The persistent memory of the engine's buffers (fast, perturbed, first fast, gradient
+        sums, local gradients), in bytes and in copies of the parameters it optimizes."""
+        local = local_shards(
+            [t for entry in self.lookbehind_state.values() for t in entry.values()]
+        )
+        params = local_shards(self.params)
+        numel = sum(t.numel() for t in local)
+        return BufferFootprint(
+            bytes=sum(t.numel() * t.element_size() for t in local),
+            parameter_copies=numel / max(sum(p.numel() for p in params), 1),
+        )
 
     @property
     def cycle_position(self) -> int:

@@ -701,7 +701,7 @@ class LookbehindMixin:
         also get the engine's diagnostics."""
         engine = self.lookbehind
         if engine is not None and "loss" in logs:
-            logs.update(lookbehind_metrics(engine))
+            logs.update(engine.stats().logs())
         logs["gradient_computations"] = self.gradient_computations
         super().log(logs, start_time)
 
@@ -743,20 +743,6 @@ class LookbehindMixin:
         if engine is None:
             return super()._get_grad_norm(model, grad_norm)
         return engine.last_descent_grad_norm
-
-
-def lookbehind_metrics(engine: Lookbehind) -> dict[str, float]:
-    """The engine's diagnostics as floats (host reads: call at logging time only)."""
-    metrics = {}
-    if engine.last_alpha is not None:
-        metrics["lookbehind_alpha"] = engine.last_alpha.float().mean().item()
-    if engine.last_ascent_grad_norm is not None:
-        metrics["ascent_grad_norm"] = engine.last_ascent_grad_norm.item()
-    if engine.last_perturbation_distance is not None:
-        metrics["perturbation_distance"] = engine.last_perturbation_distance.item()
-    if engine.skipped_steps is not None:
-        metrics["skipped_steps"] = int(engine.skipped_steps.item())
-    return metrics
 
 
 class LookbehindTrainer(LookbehindMixin, Trainer):

@@ -86,10 +86,7 @@ def persistent_mib(model: nn.Module, engine: Lookbehind) -> dict[str, float]:
             if isinstance(v, torch.Tensor) and v.dim() > 0
         )
         / MIB,
-        "lookbehind": sum(
-            local_bytes(t) for state in engine.lookbehind_state.values() for t in state.values()
-        )
-        / MIB,
+        "lookbehind": engine.buffer_footprint().bytes / MIB,
     }
 
 

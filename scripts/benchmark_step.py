@@ -23,7 +23,7 @@ alike, and each time is the median over the rounds. One fixed batch, fixed seeds
 every run is bracketed by CUDA events and a synchronize.
 
 Columns: ``buffers`` is the persistent extra memory of the engine in parameter copies (the
-numel of ``Lookbehind.lookbehind_state`` over the model's numel); ``peak MiB`` is the peak
+``Lookbehind.buffer_footprint()``); ``peak MiB`` is the peak
 memory a row adds, during its warm-up, over the memory in use before it builds its model copy
 (so it holds the model copy, gradients, optimizer state, buffers and activations): on CUDA
 from ``torch.cuda.max_memory_allocated``; on CPU from the process's peak resident set size
@@ -393,8 +393,6 @@ def trainer_row(
         trainer.train()
     trainer_ms = statistics.median(timer.trainer_ms[warmup:])
     engine_ms = statistics.median(timer.engine_ms[warmup + 1 :])
-    state = trainer.lookbehind.lookbehind_state.values()
-    model_numel = sum(p.numel() for p in template.parameters())
     return Row(
         spec.label,
         "trainer",
@@ -403,7 +401,7 @@ def trainer_row(
         passes=model.calls // args.max_steps,
         floor_ms=engine_ms,
         ratio_to_floor=trainer_ms / engine_ms,
-        buffers=sum(t.numel() for entry in state for t in entry.values()) / model_numel,
+        buffers=trainer.lookbehind.buffer_footprint().parameter_copies,
         peak_mib=memory.peak_mib(),
         target=f"ratio<={TARGET_FLOOR_RATIO} vs engine",
     )
@@ -421,7 +419,6 @@ def benchmark_model(
     """Rows U, O and one per case, timed as the module docstring describes."""
     torch.manual_seed(0)
     template = spec.build().train()
-    model_numel = sum(p.numel() for p in template.parameters())
     generator = torch.Generator().manual_seed(1)
     inputs = torch.randn(spec.batch_size, *spec.input_shape, generator=generator).to(device)
     labels = torch.randint(0, spec.num_classes, (spec.batch_size,), generator=generator)
@@ -473,8 +470,7 @@ def benchmark_model(
     for row, row_times, engine in zip(rows, times, engines):
         row.ms = statistics.median(row_times)
         if engine is not None:
-            state = engine.lookbehind_state.values()
-            row.buffers = sum(t.numel() for entry in state for t in entry.values()) / model_numel
+            row.buffers = engine.buffer_footprint().parameter_copies
 
     pass_ms, update_ms = rows[0].ms, rows[1].ms
     reference_ms = {row.k: row.ms for row in rows if row.method == "reference"}
@@ -659,7 +655,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         f"peak memory: {memory_method(args.device)}",
         "floor: SAM 2U+O; lookbehind (k+1)U+kO; switching 2kU+kO; reference rows use (k+1)U+kO;"
         " trainer: the engine's lookbehind step at the same k",
-        "buffers: Lookbehind.lookbehind_state numel / model numel; vs ref: reference ms / ms",
+        "buffers: Lookbehind.buffer_footprint() in parameter copies; vs ref: reference ms / ms",
     ]
     print("\n".join(header), flush=True)
     began = time.perf_counter()

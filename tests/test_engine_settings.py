@@ -93,3 +93,29 @@ class ModalSGD(torch.optim.SGD):
 def test_a_schedule_free_base_optimizer_is_refused():
     with pytest.raises(ValueError, match="schedule-free"):
         Lookbehind(ModalSGD(make_model().parameters(), lr=0.1))
+
+
+def test_stats_and_buffer_footprint_for_a_plain_loop():
+    """The diagnostics a log gets, as host numbers, and the buffers in parameter copies: two
+    for static alpha (F and P), three for adaptive (and F_1)."""
+    for alpha, copies in ((0.5, 2.0), ("adaptive", 3.0)):
+        model = make_model()
+        engine = Lookbehind(sgd(model), alpha=alpha)
+        stats = engine.stats()
+        assert (stats.alpha, stats.skipped_steps, stats.gradient_computations) == (None, 0, 0)
+        for batch in make_batches(2):
+            engine.step(closure_for(model, batch))
+        stats = engine.stats()
+        assert stats.gradient_computations == 6 and stats.skipped_steps == 0
+        assert 0 < stats.alpha <= 1 and stats.ascent_grad_norm > 0
+        assert stats.perturbation_distance > 0 and stats.descent_grad_norm > 0
+        assert set(stats.logs()) == {
+            "lookbehind_alpha",
+            "ascent_grad_norm",
+            "perturbation_distance",
+            "skipped_steps",
+        }
+        numel = sum(p.numel() for p in engine.params)  # frozen ones included: buffers too
+        footprint = engine.buffer_footprint()
+        assert footprint.parameter_copies == pytest.approx(copies)
+        assert footprint.bytes == copies * numel * 8  # float64
