@@ -75,7 +75,7 @@ METHODS = (
 DEFAULT_METHODS = ("sam", "lookbehind", "lookbehind_adaptive", "reference", "trainer")
 RHO = 0.05
 STATIC_ALPHA = 0.5
-# GPU targets of the issue, printed next to the measured ratios (never asserted).
+# The GPU targets of the step time, printed next to the measured ratios (never asserted).
 TARGET_FLOOR_RATIO = 1.05
 TARGET_SPEEDUP_K2 = 1.9
 
