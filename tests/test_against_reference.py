@@ -4,43 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import (
+from helpers.models import (
     OPTIMIZERS,
     closure_for,
     make_batches,
     make_model,
     max_param_difference,
-    twin,
 )
+from helpers.reference import engine_and_reference
 
-from hf_lookbehind import Lookbehind, asam_param_groups
+from hf_lookbehind import Lookbehind
 from hf_lookbehind.reference import ReferenceLookbehind
 
 OUTER_STEPS = 3
 TOLERANCE = 1e-10
-
-
-def build(model, optimizer_name, perturbation, engine_kwargs, reference_kwargs):
-    """Engine and reference on twin models; ASAM scales only ``weight`` tensors, as the
-    public ASAM code does (the engine gets it through parameter groups, the reference by name)."""
-    reference_model = twin(model)
-    if perturbation == "asam":
-        engine_params = asam_param_groups(model)
-        frozen = [p for p in model.parameters() if not p.requires_grad]
-        engine_params.append({"params": frozen, "asam_scale": False})
-    else:
-        engine_params = model.parameters()
-    engine = Lookbehind(
-        OPTIMIZERS[optimizer_name](engine_params), perturbation=perturbation, **engine_kwargs
-    )
-    reference_base = OPTIMIZERS[optimizer_name](reference_model.parameters())
-    reference = ReferenceLookbehind(
-        reference_base,
-        perturbation=perturbation,
-        asam_scaled=["weight" in name for name, _ in reference_model.named_parameters()],
-        **reference_kwargs,
-    )
-    return engine, reference, reference_model
 
 
 def run_outer_steps(engine, model, reference, reference_model, k, *, same_batch):
@@ -64,7 +41,9 @@ def run_outer_steps(engine, model, reference, reference_model, k, *, same_batch)
 def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, alpha, scope, k):
     model = make_model()
     kwargs = dict(k=k, alpha=alpha, rho=0.2, asam_eta=0.01, adaptive_scope=scope)
-    engine, reference, reference_model = build(model, optimizer_name, perturbation, kwargs, kwargs)
+    engine, reference, reference_model = engine_and_reference(
+        model, optimizer_name, perturbation, kwargs, kwargs
+    )
     run_outer_steps(engine, model, reference, reference_model, k, same_batch=True)
     assert max_param_difference(model, reference_model) < TOLERANCE
     assert max_param_difference(model, make_model()) > 1e-3  # the weights did move
@@ -77,7 +56,7 @@ def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, a
 def test_minibatch_switching_matches_reference(optimizer_name, perturbation, alpha, k):
     model = make_model()
     kwargs = dict(k=k, alpha=alpha, rho=0.2)
-    engine, reference, reference_model = build(
+    engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, {**kwargs, "minibatch_switching": True}, kwargs
     )
     run_outer_steps(engine, model, reference, reference_model, k, same_batch=False)
@@ -92,7 +71,9 @@ def test_multistep_baselines_match_reference(method, perturbation, k):
         pytest.skip("sam is k = 1")
     model = make_model()
     kwargs = dict(method=method, k=k, rho=0.2)
-    engine, reference, reference_model = build(model, "sgd", perturbation, kwargs, kwargs)
+    engine, reference, reference_model = engine_and_reference(
+        model, "sgd", perturbation, kwargs, kwargs
+    )
     run_outer_steps(engine, model, reference, reference_model, k, same_batch=True)
     assert max_param_difference(model, reference_model) < TOLERANCE
 
@@ -105,7 +86,9 @@ def test_lookahead_matches_reference(perturbation, optimizer_name):
     kwargs = dict(method="lookahead", k=k, alpha=0.5)
     if perturbation != "none":  # plain Lookahead has no radius
         kwargs["rho"] = 0.2
-    engine, reference, reference_model = build(model, optimizer_name, perturbation, kwargs, kwargs)
+    engine, reference, reference_model = engine_and_reference(
+        model, optimizer_name, perturbation, kwargs, kwargs
+    )
     run_outer_steps(engine, model, reference, reference_model, k, same_batch=False)
     assert max_param_difference(model, reference_model) < TOLERANCE
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from hf_lookbehind.analysis import (
     ComputeCurve,
@@ -21,8 +22,6 @@ from hf_lookbehind.analysis import (
     plot_metric_against_computations,
 )
 from hf_lookbehind.analysis.cli import compute_main
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def history(per_step: int, accuracies: list[float], steps_per_eval: int = 10) -> list[dict]:

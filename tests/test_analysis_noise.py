@@ -7,7 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import make_batches, make_model
+from helpers.models import make_batches, make_model
 
 from hf_lookbehind.analysis import (
     add_weight_noise_,

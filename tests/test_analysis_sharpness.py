@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import make_batches, make_model
+from helpers.models import make_batches, make_model
 from torch import nn
 
 from hf_lookbehind.analysis import SharpnessResult, m_sharpness

@@ -10,15 +10,15 @@ import importlib
 import io
 import json
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import ROOT
 from torch import nn
 from torchvision.models import resnet34 as torchvision_resnet34
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_ops.py"
+SCRIPT = ROOT / "scripts" / "benchmark_ops.py"
 # The targets, restated: per row the two models' counts differ by at most 10 operations, and
 # these rows stay within their budgets (ATen operations per outer step, base SGD included).
 MAX_DIFFERENCE = 10

@@ -11,12 +11,12 @@ import json
 import math
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_step.py"
+SCRIPT = ROOT / "scripts" / "benchmark_step.py"
 K = 2
 METHODS = ("sam", "lookbehind", "lookbehind_adaptive", "lookbehind_switching", "reference")
 # The Trainer row comes after the engine rows of each model, one per k.

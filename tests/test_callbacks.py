@@ -9,7 +9,7 @@ import json
 import math
 
 import pytest
-from trainer_harness import SAMPLES, ToyDataset, make_args, make_model
+from helpers.trainer_harness import SAMPLES, ToyDataset, make_args, make_model
 from transformers import TrainerCallback
 
 from hf_lookbehind import EpochTimer, LookbehindTrainer, callbacks

@@ -7,12 +7,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from cifar_noisy_labels_gpu import BUDGET_MARGIN, RunCost, epochs_within_budget, main
+from helpers import ROOT
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar_noisy_labels_gpu.py"
+SCRIPT = ROOT / "scripts" / "cifar_noisy_labels_gpu.py"
 HEADER = (
     "| method | epochs | final acc | best acc | noise fitted | clean train acc | s/epoch "
     "| step time vs SGD |"

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from ddp_engine_harness import BATCH, batches, closure_for, make_model
-from two_processes import run_two_processes
+from helpers import HELPERS
+from helpers.ddp_engine_harness import BATCH, batches, closure_for, make_model
+from helpers.two_processes import run_two_processes
 
 from hf_lookbehind import Lookbehind
 
-HARNESS = Path(__file__).with_name("ddp_engine_harness.py")
+HARNESS = HELPERS / "ddp_engine_harness.py"
 
 
 def one_process_m_sam(parts: int) -> list[torch.Tensor]:
@@ -45,7 +45,7 @@ def one_process_m_sam(parts: int) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     output_dir = tmp_path_factory.mktemp("ddp_engine")
-    run_two_processes(HARNESS, [str(output_dir)], "torchrun", pythonpath=[HARNESS.parent])
+    run_two_processes(HARNESS, [str(output_dir)], "torchrun")
     return [json.loads((output_dir / f"ddp_rank{r}.json").read_text()) for r in (0, 1)]
 
 

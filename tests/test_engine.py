@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers.models import (
     OPTIMIZERS,
     closure_for,
     make_batches,

@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_batches
+from helpers.models import make_batches
 from torch import nn
 
 from hf_lookbehind import Lookbehind

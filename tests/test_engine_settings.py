@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import closure_for, make_batches, make_model
+from helpers.models import closure_for, make_batches, make_model
 
 from hf_lookbehind import Lookbehind
 from hf_lookbehind.settings import parse_alpha

@@ -7,12 +7,12 @@ none unsharded."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from two_processes import run_two_processes
+from helpers import ROOT
+from helpers.two_processes import run_two_processes
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_fsdp2.py"
+SCRIPT = ROOT / "scripts" / "benchmark_fsdp2.py"
 BUFFER_COPIES = {
     "sam": 1,
     "lookbehind k=2": 2,

@@ -6,13 +6,13 @@ sharded state resumed bit-identically. The processes run once (``tests/fsdp2_har
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-from fsdp2_harness import SETUPS
-from two_processes import run_two_processes
+from helpers import HELPERS
+from helpers.fsdp2_harness import SETUPS
+from helpers.two_processes import run_two_processes
 
-HARNESS = Path(__file__).with_name("fsdp2_harness.py")
+HARNESS = HELPERS / "fsdp2_harness.py"
 
 # Persistent buffers, in parameter copies (multistep_avg: the gradient sum covers only the
 # parameters that receive a gradient, checked separately).
@@ -33,7 +33,7 @@ BUFFER_COPIES = {
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     output_dir = tmp_path_factory.mktemp("fsdp2_engine")
-    run_two_processes(HARNESS, [str(output_dir)], "torchrun", pythonpath=[HARNESS.parent])
+    run_two_processes(HARNESS, [str(output_dir)], "torchrun")
     return [json.loads((output_dir / f"engine_rank{r}.json").read_text()) for r in (0, 1)]
 
 

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from trainer_harness import (
+from helpers import HELPERS, ROOT
+from helpers.trainer_harness import (
     TinyPreTrainedClassifier,
     make_args,
     make_pretrained_model,
     make_trainer,
 )
-from two_processes import run_two_processes
+from helpers.two_processes import run_two_processes
+from safetensors.torch import load_file
 
-HARNESS = Path(__file__).with_name("fsdp2_trainer_harness.py")
-FSDP2_CONFIG = HARNESS.parents[1] / "examples" / "accelerate_configs" / "fsdp2.yaml"
+HARNESS = HELPERS / "fsdp2_trainer_harness.py"
+FSDP2_CONFIG = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
 
 # The same training without sharding, in one process on the global batch of 16 (the FSDP2 runs:
 # 2 processes x 8, or 2 x 4 x 2 accumulation steps).
@@ -46,7 +47,6 @@ def launched(tmp_path_factory) -> tuple[Path, list[dict]]:
         HARNESS,
         [str(output_dir)],
         "accelerate",
-        pythonpath=[HARNESS.parent],
         config=FSDP2_CONFIG,
     )
     ranks = [json.loads((output_dir / f"trainer_rank{r}.json").read_text()) for r in (0, 1)]

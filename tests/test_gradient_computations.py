@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_harness import InOrderTrainer, ToyDataset, make_args, make_model, make_trainer
+from helpers.trainer_harness import InOrderTrainer, ToyDataset, make_args, make_model, make_trainer
 
 STEPS = 6
 # Flags, and the passes over the batch that one Trainer step of them costs.

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
 from episodic_memory import ReservoirMemory
+from helpers import ROOT
 from lifelong_data import LifelongDataArguments, class_order, split_into_tasks
 from lifelong_metrics import average_accuracy, forgetting, format_table, summarize_seeds
 from lifelong_models import MultiHeadCNN
@@ -222,7 +222,7 @@ def test_bad_data_settings_fail_when_parsed():
 def test_every_flag_in_the_readme_is_a_recipe_flag():
     """The README's ``--flags`` are the ones run_lifelong.py parses (argparse would also take an
     unambiguous prefix, so the test compares whole option strings)."""
-    readme = Path(__file__).resolve().parents[1] / "examples" / "lifelong" / "README.md"
+    readme = ROOT / "examples" / "lifelong" / "README.md"
     mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_]*", readme.read_text()))
     assert {"--method", "--max_grad_norm", "--episodic_replay"} <= mentioned
     unknown = mentioned - set(build_parser()._option_string_actions)

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_harness import ToyDataset, make_args, make_model, make_trainer, sequential_closures
+from helpers.models import max_param_difference
+from helpers.trainer_harness import (
+    ToyDataset,
+    make_args,
+    make_model,
+    make_trainer,
+    sequential_closures,
+)
 
 from hf_lookbehind import Lookbehind
 
 BATCH, STEPS_PER_EPOCH, EPOCHS = 16, 4, 3
 STEPS = STEPS_PER_EPOCH * EPOCHS
-
-
-def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
 def handed_over_loop(phases: list[tuple[int, dict]]) -> torch.nn.Module:
@@ -66,7 +69,7 @@ def test_trainer_switches_methods_at_the_window(tmp_path, window):
     trainer = make_trainer(tmp_path, max_steps=STEPS, **flags)
     trainer.train()
     expected = handed_over_loop(phases)
-    assert max_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, expected) < 1e-10
     passes = {"sam": 2, "multistep": 4}
     computations = sum(
         steps
@@ -84,7 +87,7 @@ def test_trainer_switches_methods_at_the_window(tmp_path, window):
         **{**flags, "lookbehind_start_epoch": 0.0, "lookbehind_end_epoch": None},
     )
     without_window.train()
-    assert max_difference(trainer.model, without_window.model) > 1e-6
+    assert max_param_difference(trainer.model, without_window.model) > 1e-6
 
 
 @pytest.mark.parametrize(
@@ -103,7 +106,7 @@ def test_resume_across_the_switch_is_bit_identical(tmp_path, window, checkpoint)
     uninterrupted.train()
     resumed = make_trainer(tmp_path / "b", **settings)
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / f"checkpoint-{checkpoint}"))
-    assert max_difference(resumed.model, uninterrupted.model) == 0.0
+    assert max_param_difference(resumed.model, uninterrupted.model) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import OPTIMIZERS, make_batches, make_model, max_param_difference, twin
-from test_against_reference import build
+from helpers.models import OPTIMIZERS, make_batches, make_model, max_param_difference, twin
+from helpers.reference import engine_and_reference
 from torch import nn
 
 from hf_lookbehind import Lookbehind
@@ -51,7 +51,7 @@ def test_micro_batch_ascent_matches_reference(
 ):
     model = make_model()
     kwargs = dict(method=method, k=k, alpha=alpha, rho=0.2, adaptive_scope=scope)
-    engine, reference, reference_model = build(
+    engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, {**kwargs, "micro_batch_ascent": True}, kwargs
     )
     for batch in make_batches(OUTER_STEPS):

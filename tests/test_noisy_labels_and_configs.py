@@ -6,14 +6,13 @@ from __future__ import annotations
 import math
 import re
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
 import run_noisy_labels
 from accelerate.commands.config.config_args import ClusterConfig
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 DEMO = "bash scripts/run_demo.sh"
 

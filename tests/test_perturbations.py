@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import closure_for, make_batches, make_model, max_param_difference
+from helpers.models import closure_for, make_batches, make_model, max_param_difference
 from torch import nn
 
 from hf_lookbehind import SAM, FisherSAM, Lookbehind, Perturbation

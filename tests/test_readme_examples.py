@@ -4,13 +4,13 @@ for the names it leaves to the reader (``model``, ``train``, ``loader``, ...).""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from torch import nn
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def python_blocks() -> list[str]:

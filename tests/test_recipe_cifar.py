@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ROOT
+from helpers.two_processes import run_two_processes
 from PIL import Image
 from run_cifar import main
 from safetensors.torch import load_file
 from torch import nn
 from torchvision import transforms
 from torchvision.transforms.v2 import functional as TF
-from two_processes import run_two_processes
 
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 from hf_lookbehind_recipes.cifar import CifarDataArguments, cifar_dataset, load_cifar_data
@@ -213,7 +214,6 @@ def test_two_process_run_shards_and_saves_the_evaluated_model(shared_data, tmp_p
     scored: re-evaluated in one process it gives the same accuracy and loss. (64 test images in
     full batches of 16: with a remainder, accelerate pads the last batch with images from the
     start and the Trainer's loss of that batch, a batch mean, includes them.)"""
-    root = Path(__file__).resolve().parents[1]
     cifar = shared_data / "cifar10"
     data_flags = [
         "--train_path", str(cifar / "train.parquet"),
@@ -222,7 +222,7 @@ def test_two_process_run_shards_and_saves_the_evaluated_model(shared_data, tmp_p
         "--max_eval_samples", "64",
     ]  # fmt: skip
     run_two_processes(
-        root / "examples" / "cifar" / "run_cifar.py",
+        ROOT / "examples" / "cifar" / "run_cifar.py",
         [
             "--model_name", "resnet20", *data_flags,
             "--num_train_epochs", "2",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT
 from run_image_classification import RECIPES, create_model, main, parse_arguments
 from torchvision.transforms import v2
 
@@ -20,7 +21,6 @@ from hf_lookbehind_recipes.image_data import DataArguments, load_image_splits
 from hf_lookbehind_recipes.learning_rate import LearningRateArguments, MultiStepLRTrainer
 
 RECIPE = ("--recipe", "resnet18_scratch")
-ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "examples" / "image_classification" / "README.md"
 # Table 1's rows, in order, and the method each names: (engine method, perturbation, rho).
 TABLE_1 = [

@@ -12,6 +12,9 @@ from pathlib import Path
 import prepare_parallel_text
 import pytest
 import sacrebleu
+from helpers import ROOT
+from helpers.translation import smoke_argv
+from helpers.two_processes import run_two_processes
 from run_translation import main
 from transformers import MarianMTModel
 from translation_batching import TokenBudgetBatchSampler
@@ -26,7 +29,6 @@ from translation_model import (
     transformer_iwslt_de_en_config,
 )
 from translation_vocab import UNK_ID, JointBpeVocabularies
-from two_processes import run_two_processes
 
 # fairseq's transformer_iwslt_de_en with its IWSLT'14 dictionaries, counted by hand:
 # encoder layer 4 * (512 * 512 + 512) + (512 * 1024 + 1024 + 1024 * 512 + 512) + 2 * 1024,
@@ -175,49 +177,6 @@ def test_parallel_dir_errors_name_the_problem(tmp_path):
         read_parallel_dir(tmp_path, "de", "en")
 
 
-def smoke_argv(shared_data: Path, output_dir: Path, *extra: str) -> list[str]:
-    """A tiny Transformer on 200 IWSLT'14 pairs; the test split doubles as validation."""
-    return [
-        f"--data_dir={shared_data / 'iwslt14_de_en' / 'tok'}",
-        "--train_split=valid",
-        "--validation_split=test",
-        "--max_train_samples=160",
-        "--max_eval_samples=12",
-        "--max_predict_samples=6",
-        "--bpe_vocab_size=400",
-        "--d_model=32",
-        "--encoder_layers=1",
-        "--decoder_layers=1",
-        "--attention_heads=2",
-        "--ffn_dim=64",
-        "--dropout=0.1",
-        "--max_tokens=1000",
-        f"--output_dir={output_dir}",
-        "--do_train",
-        "--do_eval",
-        "--do_predict",
-        "--predict_with_generate",
-        "--generation_num_beams=5",
-        "--generation_max_length=16",
-        "--per_device_eval_batch_size=12",
-        "--num_train_epochs=2",
-        "--learning_rate=1e-2",
-        "--lr_scheduler_type=inverse_sqrt",
-        "--warmup_steps=4",
-        "--adam_beta2=0.98",
-        "--weight_decay=1e-4",
-        "--label_smoothing_factor=0.1",
-        "--max_grad_norm=0",
-        "--logging_steps=1",
-        "--save_strategy=no",
-        "--report_to=none",
-        "--use_cpu",
-        "--disable_tqdm=true",
-        "--seed=0",
-        *extra,
-    ]
-
-
 METHOD_FLAGS = {
     "lookbehind_sam_switching_adaptive": (
         "--lookbehind_method=lookbehind",
@@ -275,11 +234,10 @@ def test_two_process_evaluation_scores_each_sentence_once(shared_data, tmp_path)
     config), with evaluation batches that leave the second process a padded shard: the recipe
     translates each evaluation and test sentence once, exactly as one process evaluating the
     saved model does."""
-    root = Path(__file__).resolve().parents[1]
     two, one = tmp_path / "two", tmp_path / "one"
     batches = "--per_device_eval_batch_size=4"  # 12 sentences: 3 batches for 2 processes
     run_two_processes(
-        root / "examples" / "translation" / "run_translation.py",
+        ROOT / "examples" / "translation" / "run_translation.py",
         smoke_argv(shared_data, two, "--lookbehind_method=lookbehind", batches),
     )
     distributed = json.loads((two / "all_results.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import run_cifar
 import run_image_classification
 import run_translation
-from test_recipe_translation import smoke_argv
+from helpers.translation import smoke_argv
 from transformers import MarianMTModel
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import run_sft
 import torch
+from helpers import ROOT
+from helpers.tiny_lm import conversations, save_causal_lm
 from peft import PeftModel
 from safetensors.torch import load_file
-from tiny_lm import conversations, save_causal_lm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-RECIPE = Path(__file__).resolve().parents[1] / "examples" / "sft"
+RECIPE = ROOT / "examples" / "sft"
 STEPS = 4
 METHODS = {  # the README's four methods, and their passes per step
     "adamw": (["--lookbehind_method", "none"], 1),

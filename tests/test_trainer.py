@@ -11,17 +11,21 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from trainer_harness import (
+from helpers import HELPERS
+from helpers.models import max_param_difference
+from helpers.trainer_harness import (
+    MODES,
     InOrderTrainer,
     ToyDataset,
+    engine_kwargs,
     make_args,
     make_model,
     make_trainer,
     plain_loop,
 )
+from helpers.two_processes import run_two_processes
+from safetensors.torch import load_file
 from transformers import TrainingArguments
-from two_processes import run_two_processes
 
 from hf_lookbehind import (
     Lookbehind,
@@ -31,33 +35,7 @@ from hf_lookbehind import (
 )
 from hf_lookbehind.trainer import _TrainerLookbehind
 
-HARNESS = Path(__file__).with_name("trainer_harness.py")
-
-MODES = {
-    "same_batch": dict(lookbehind_k=2),
-    "same_batch_adaptive_k3": dict(lookbehind_k=3, lookbehind_alpha="adaptive"),
-    "switching": dict(lookbehind_k=2, minibatch_switching=True),
-    "switching_adaptive_asam": dict(
-        lookbehind_k=3,
-        minibatch_switching=True,
-        lookbehind_alpha="adaptive",
-        perturbation="asam",
-        asam_weights_only=False,
-    ),
-    "lookahead_sam": dict(lookbehind_method="lookahead", lookbehind_k=3),
-    "sam": dict(lookbehind_method="sam", lookbehind_k=None),
-    "multistep_avg": dict(lookbehind_method="multistep_avg", lookbehind_k=2),
-    "clipped": dict(lookbehind_k=2, max_grad_norm=0.3),
-}
-
-
-def engine_kwargs(overrides: dict) -> dict:
-    """The ``Lookbehind`` settings the Trainer builds from these flags."""
-    return make_args("unused", **overrides).lookbehind_kwargs()
-
-
-def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
+HARNESS = HELPERS / "trainer_harness.py"
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -65,8 +43,8 @@ def test_trainer_reproduces_the_engine_in_a_plain_loop(tmp_path, mode):
     trainer = make_trainer(tmp_path, **MODES[mode])
     trainer.train()
     expected = plain_loop(make_model(), 16, 6, **engine_kwargs(MODES[mode]))
-    assert max_difference(trainer.model, expected) < 1e-10
-    assert max_difference(trainer.model, make_model()) > 1e-3
+    assert max_param_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, make_model()) > 1e-3
 
 
 def plain_adamw_loop(label_smoothing: float) -> torch.nn.Module:
@@ -107,8 +85,8 @@ def test_trainer_built_optimizer_and_label_smoothing(tmp_path, label_smoothing):
     trainer.train()
     assert isinstance(trainer.lookbehind.base_optimizer, torch.optim.AdamW)
     tolerance = 1e-6 if label_smoothing else 1e-10
-    assert max_difference(trainer.model, plain_adamw_loop(label_smoothing)) < tolerance
-    assert max_difference(trainer.model, plain_adamw_loop(0.3 - label_smoothing)) > 1e-4
+    assert max_param_difference(trainer.model, plain_adamw_loop(label_smoothing)) < tolerance
+    assert max_param_difference(trainer.model, plain_adamw_loop(0.3 - label_smoothing)) > 1e-4
 
 
 def test_asam_rescales_only_weights_by_default(tmp_path):
@@ -134,7 +112,7 @@ def test_asam_rescales_only_weights_by_default(tmp_path):
     for step in range(6):
         x, y = dataset.x[(step % 4) * 16 :][:16], dataset.y[(step % 4) * 16 :][:16]
         engine.step(lambda x=x, y=y: model(x, labels=y)["loss"].backward())
-    assert max_difference(trainer.model, model) < 1e-10
+    assert max_param_difference(trainer.model, model) < 1e-10
 
 
 def test_asam_regrouping_refuses_a_scheduler_built_on_the_old_groups(tmp_path):
@@ -173,9 +151,9 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, mode):
         **MODES[mode],
     )
     accumulated.train()
-    assert max_difference(large.model, accumulated.model) < 1e-10
+    assert max_param_difference(large.model, accumulated.model) < 1e-10
     single_micro_batch = plain_loop(make_model(), 4, 6, **engine_kwargs(MODES[mode]))
-    assert max_difference(accumulated.model, single_micro_batch) > 1e-4
+    assert max_param_difference(accumulated.model, single_micro_batch) > 1e-4
 
 
 def test_logs_carry_the_lookbehind_diagnostics(tmp_path):
@@ -205,7 +183,7 @@ def test_method_none_is_the_plain_trainer(tmp_path):
             "loss"
         ].backward()
         optimizer.step()
-    assert max_difference(trainer.model, model) < 1e-10
+    assert max_param_difference(trainer.model, model) < 1e-10
 
 
 # ------------------------------------------------------------------------------------ DDP
@@ -216,7 +194,6 @@ def launch_two_processes(output_dir: Path, overrides: dict, launcher: str) -> li
         HARNESS,
         [str(output_dir), json.dumps(overrides)],
         launcher,
-        pythonpath=[HARNESS.parent],
     )
     return [json.loads((output_dir / f"weights_rank{rank}.json").read_text()) for rank in (0, 1)]
 
@@ -373,7 +350,7 @@ def test_bf16_autocast_on_cpu_stays_finite(tmp_path):
     )
     trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
-    assert max_difference(trainer.model, make_model().float()) > 1e-3
+    assert max_param_difference(trainer.model, make_model().float()) > 1e-3
     assert all(
         entry["skipped_steps"] == 0 for entry in trainer.state.log_history if "loss" in entry
     )
@@ -390,7 +367,7 @@ def test_the_trainer_drives_the_accelerators_grad_scaler(tmp_path):
     assert trainer.optimizer.scaler is None  # accelerate's own scaler step is switched off
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** (8 + 6 * 3 // 2)
     expected = plain_loop(make_model(), 16, 6, **engine_kwargs({}))
-    assert max_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, expected) < 1e-10
 
 
 def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
@@ -414,7 +391,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     reference = make_model()
     plain_loop(reference, 16, 1, k=2, rho=0.05)
     engine.step(closure)  # a clean step equals the unscaled engine
-    assert max_difference(model, reference) < 1e-12
+    assert max_param_difference(model, reference) < 1e-12
 
     before = [p.detach().clone() for p in model.parameters()]
     scale = scaler.get_scale()
@@ -586,7 +563,7 @@ def test_torch_compile_gives_the_same_trajectory(tmp_path):
     compiled.train()
     eager = make_trainer(tmp_path / "eager", model=make_model(batchnorm=True), **MODES["switching"])
     eager.train()
-    assert max_difference(compiled.model, eager.model) < 1e-10
+    assert max_param_difference(compiled.model, eager.model) < 1e-10
     for a, b in zip(compiled.model.buffers(), eager.model.buffers()):
         assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-10)
 
@@ -642,5 +619,5 @@ def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
         trainer.train()
         runs.append(trainer.model)
     assert runs[1].is_activation_checkpointing
-    assert max_difference(*runs) < 1e-10
-    assert max_difference(runs[0], tiny_bert()) > 1e-4
+    assert max_param_difference(*runs) < 1e-10
+    assert max_param_difference(runs[0], tiny_bert()) > 1e-4

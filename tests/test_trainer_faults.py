@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer import engine_kwargs
-from torch import nn
-from trainer_harness import (
+from helpers.trainer_harness import (
+    engine_kwargs,
     make_model,
     make_trainer,
     model_and_sgd_from_checkpoint,
     sequential_closures,
 )
+from torch import nn
 
 from hf_lookbehind import Lookbehind
 

@@ -5,16 +5,17 @@ two, and the flag's validation."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from trainer_harness import ToyDataset, make_args, make_model, make_trainer
-from two_processes import run_two_processes
+from helpers import HELPERS
+from helpers.models import max_param_difference
+from helpers.trainer_harness import ToyDataset, make_args, make_model, make_trainer
+from helpers.two_processes import run_two_processes
 
 from hf_lookbehind import Lookbehind
 
-HARNESS = Path(__file__).with_name("trainer_harness.py")
+HARNESS = HELPERS / "trainer_harness.py"
 MODES = {
     "sam": dict(lookbehind_method="sam", lookbehind_k=None),
     "lookbehind": dict(lookbehind_k=2, lookbehind_alpha="0.8"),
@@ -23,10 +24,6 @@ MODES = {
     ),
 }
 MICRO, PARTS, STEPS = 4, 4, 6  # batch 16 = 4 micro-batches of m = 4
-
-
-def max_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
 
 
 def plain_micro_batch_loop(**engine_kwargs) -> torch.nn.Module:
@@ -69,12 +66,12 @@ def test_accumulation_micro_batches_are_the_m_sam_micro_batches(tmp_path, mode):
     expected = plain_micro_batch_loop(
         **make_args("unused", **micro_batch_flags(mode)).lookbehind_kwargs()
     )
-    assert max_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, expected) < 1e-10
     global_ascent = make_trainer(
         tmp_path / "global", **{**micro_batch_flags(mode), "ascent_sync": "global"}
     )
     global_ascent.train()
-    assert max_difference(trainer.model, global_ascent.model) > 1e-6  # m-SAM is not SAM
+    assert max_param_difference(trainer.model, global_ascent.model) > 1e-6  # m-SAM is not SAM
     assert trainer.lookbehind.gradient_computations == STEPS * (trainer.lookbehind.k + 1)
 
 
@@ -84,7 +81,7 @@ def test_one_micro_batch_per_step_is_todays_trainer(tmp_path, mode):
     per_micro.train()
     today = make_trainer(tmp_path / "t", **MODES[mode])
     today.train()
-    assert max_difference(per_micro.model, today.model) == 0.0
+    assert max_param_difference(per_micro.model, today.model) == 0.0
 
 
 def test_two_processes_equal_one_with_the_same_micro_batches(tmp_path):

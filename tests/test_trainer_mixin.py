@@ -10,9 +10,8 @@ import dataclasses
 import pytest
 import schedulefree
 import torch
-from torch import nn
-from torch.utils.data import Dataset, SequentialSampler
-from trainer_harness import (
+from helpers.models import max_param_difference
+from helpers.trainer_harness import (
     InOrderTrainer,
     TinyClassifier,
     ToyDataset,
@@ -20,6 +19,8 @@ from trainer_harness import (
     make_model,
     plain_loop,
 )
+from torch import nn
+from torch.utils.data import Dataset, SequentialSampler
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -58,10 +59,6 @@ def plain_args(output_dir, args_class=TrainingArguments, **overrides):
     return args_class(**settings)
 
 
-def max_difference(a: nn.Module, b: nn.Module) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(a.parameters(), b.parameters()))
-
-
 def sgd(model: nn.Module) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
@@ -81,8 +78,8 @@ def test_settings_given_apart_train_like_the_engine_in_a_plain_loop(tmp_path):
     )
     trainer.train()
     expected = plain_loop(make_model(), 16, STEPS, **lookbehind.lookbehind_kwargs(0.3))
-    assert max_difference(trainer.model, expected) < 1e-10
-    assert max_difference(trainer.model, make_model()) > 1e-3
+    assert max_param_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, make_model()) > 1e-3
     assert trainer.lookbehind.gradient_computations == 4 * STEPS
 
 
@@ -210,8 +207,8 @@ def test_seq2seq_trainer_trains_evaluates_and_saves_the_slow_weights(tmp_path):
     assert trainer.args is args
     trainer.train()
     expected, losses = seq2seq_plain_loop(lookbehind)
-    assert max_difference(trainer.model, expected) < 1e-10
-    assert max_difference(trainer.model, tiny_bart()) > 1e-3
+    assert max_param_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.model, tiny_bart()) > 1e-3
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == pytest.approx(losses, rel=1e-6)  # the Trainer sums losses in float32
     assert trainer.lookbehind.gradient_computations == 2 * STEPS
@@ -225,7 +222,7 @@ def test_seq2seq_trainer_trains_evaluates_and_saves_the_slow_weights(tmp_path):
 
     trainer.save_model(tmp_path / "saved")
     reloaded = BartForConditionalGeneration.from_pretrained(tmp_path / "saved")
-    assert max_difference(reloaded, trainer.model) == 0.0
+    assert max_param_difference(reloaded, trainer.model) == 0.0
 
 
 # ------------------------------------------------------------------------ a frozen teacher
@@ -303,8 +300,8 @@ def test_a_frozen_teacher_runs_once_per_step_on_the_same_inputs(
             return loss
 
         engine.step(distill)
-    assert max_difference(trainer.model, expected) < 1e-10
-    assert max_difference(trainer.teacher, frozen_teacher()) == 0.0
+    assert max_param_difference(trainer.model, expected) < 1e-10
+    assert max_param_difference(trainer.teacher, frozen_teacher()) == 0.0
 
 
 # ---------------------------------------------------------------- schedule-free optimizers
@@ -337,7 +334,7 @@ def test_a_schedule_free_optimizer_is_refused_before_training(tmp_path):
     )
     with pytest.raises(ValueError, match="schedule-free"):
         trainer.train()
-    assert max_difference(trainer.model, make_model()) == 0.0
+    assert max_param_difference(trainer.model, make_model()) == 0.0
     assert trainer.state.global_step == 0
 
 
@@ -348,4 +345,4 @@ def test_a_schedule_free_optimizer_trains_alone_with_lookbehind_method_none(tmp_
     trainer = InOrderTrainer(model=make_model(), args=args, train_dataset=ToyDataset())
     trainer.train()
     assert trainer.lookbehind is None
-    assert max_difference(trainer.model, make_model()) > 1e-4
+    assert max_param_difference(trainer.model, make_model()) > 1e-4

@@ -8,8 +8,10 @@ import logging
 
 import pytest
 import torch
-from test_trainer import MODES, engine_kwargs, max_difference
-from trainer_harness import (
+from helpers.models import max_param_difference
+from helpers.trainer_harness import (
+    MODES,
+    engine_kwargs,
     make_model,
     make_trainer,
     model_and_sgd_from_checkpoint,
@@ -58,7 +60,7 @@ def test_a_second_train_without_resuming_keeps_training_with_the_same_engine(tmp
     for _ in range(2):
         for closure in sequential_closures(model, 16, 5):
             engine.step(closure)
-    assert max_difference(trainer.model, model) < 1e-10
+    assert max_param_difference(trainer.model, model) < 1e-10
 
 
 def lookbehind_keys(state_dict: dict) -> set[str]:
@@ -89,7 +91,7 @@ def test_resuming_a_lookbehind_checkpoint_without_lookbehind_drops_its_entries(t
         sgd.zero_grad()
         closure()
         sgd.step()
-    assert max_difference(plain.model, model) < 1e-10
+    assert max_param_difference(plain.model, model) < 1e-10
 
 
 def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momentum(
@@ -112,4 +114,4 @@ def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momen
     for closure in sequential_closures(model, 16, 3, first_step=3):
         engine.step(closure)
     assert engine.cycle_position == resumed.lookbehind.cycle_position == 1
-    assert max_difference(resumed.model, model) < 1e-10
+    assert max_param_difference(resumed.model, model) < 1e-10

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.trainer_harness import CLASSES, ToyDataset, make_trainer
 from torch import nn
-from trainer_harness import CLASSES, ToyDataset, make_trainer
 from transformers import TrainerCallback
 
 MODES = {

@@ -10,8 +10,8 @@ import dataclasses
 import pytest
 import torch
 from datasets import Dataset
+from helpers.tiny_lm import causal_lm, char_tokenizer, instructions, preferences, reward_model
 from peft import LoraConfig, PeftModel
-from tiny_lm import causal_lm, char_tokenizer, instructions, preferences, reward_model
 from transformers import AutoModelForCausalLM, HfArgumentParser, TrainerCallback, TrainingArguments
 from trl import (
     DPOConfig,

@@ -137,6 +137,30 @@ def make_trainer(
     )
 
 
+# Trainer flags of the Lookbehind methods and modes the Trainer tests run.
+MODES = {
+    "same_batch": dict(lookbehind_k=2),
+    "same_batch_adaptive_k3": dict(lookbehind_k=3, lookbehind_alpha="adaptive"),
+    "switching": dict(lookbehind_k=2, minibatch_switching=True),
+    "switching_adaptive_asam": dict(
+        lookbehind_k=3,
+        minibatch_switching=True,
+        lookbehind_alpha="adaptive",
+        perturbation="asam",
+        asam_weights_only=False,
+    ),
+    "lookahead_sam": dict(lookbehind_method="lookahead", lookbehind_k=3),
+    "sam": dict(lookbehind_method="sam", lookbehind_k=None),
+    "multistep_avg": dict(lookbehind_method="multistep_avg", lookbehind_k=2),
+    "clipped": dict(lookbehind_k=2, max_grad_norm=0.3),
+}
+
+
+def engine_kwargs(overrides: dict) -> dict:
+    """The ``Lookbehind`` settings the Trainer builds from these flags."""
+    return make_args("unused", **overrides).lookbehind_kwargs()
+
+
 def sequential_closures(model: nn.Module, batch_size: int, steps: int, first_step: int = 0):
     """One closure per step over the sequential batches of ``ToyDataset`` (the Trainer's data
     order here), wrapping around at the end of each epoch; from step ``first_step`` on (a run

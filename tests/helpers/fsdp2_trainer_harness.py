@@ -23,7 +23,8 @@ import accelerate.state
 import torch
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
-from trainer_harness import (
+
+from helpers.trainer_harness import (
     InOrderTrainer,
     ToyDataset,
     make_args,
@@ -33,7 +34,7 @@ from trainer_harness import (
 
 FSDP2_FLAGS = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
 # The Trainer refuses an optimizer passed in under FSDP: it builds SGD with momentum 0.9 itself,
-# the optimizer of ``trainer_harness.make_trainer``.
+# the optimizer of ``helpers.trainer_harness.make_trainer``.
 SGD_MOMENTUM = {"optim": "sgd", "optim_args": "momentum=0.9"}
 
 # name: Trainer flags (the first run without --fsdp flags: FSDP2 from the accelerate config)

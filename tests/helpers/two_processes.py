@@ -9,9 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-MULTI_GPU_CONFIG = (
-    Path(__file__).resolve().parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
-)
+from helpers import ROOT, TESTS
+
+MULTI_GPU_CONFIG = ROOT / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 
 
 def free_port() -> int:
@@ -26,12 +26,13 @@ def run_two_processes(
     launcher: str = "accelerate",
     env: dict | None = None,
     config: Path = MULTI_GPU_CONFIG,
-    pythonpath: Sequence[Path] = (),
+    pythonpath: Sequence[Path] = (TESTS,),
 ) -> None:
     """Run ``script args`` in two processes (one thread each) with ``torchrun`` or ``accelerate
     launch`` and an accelerate config (the repository's multi-GPU one by default), on a free
     port; fail with the tail of its stderr. ``env`` is added to this process's environment and
-    ``pythonpath`` put in front of its ``PYTHONPATH`` (which keeps a source checkout on it)."""
+    ``pythonpath`` put in front of its ``PYTHONPATH`` (which keeps a source checkout on it): by
+    default ``tests/``, where the harness scripts import the ``helpers`` package from."""
     port = str(free_port())
     if launcher == "torchrun":
         prefix = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
