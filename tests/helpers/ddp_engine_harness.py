@@ -1,5 +1,5 @@
 """The engine in a plain PyTorch DDP loop, as the README shows it, run in two gloo processes by
-``tests/test_ddp_amp_engine.py``: per-device ascent (``ascent_sync="per_device"``) and m-SAM
+``tests/engine/test_ddp_amp_engine.py``: per-device ascent (``ascent_sync="per_device"``) and m-SAM
 (``micro_batch_ascent``), the passes under ``no_sync()``. Writes each rank's final weights."""
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""``LookbehindTrainer`` under FSDP2 in two gloo processes (``tests/fsdp2_trainer_harness.py``,
-run once) against the Trainer without sharding in one process on the global batch, float64:
-same-batch mode with gradient accumulation and clipping, switching mode with adaptive alpha and
-ASAM, a mid-cycle checkpoint resumed bit-identically, the saved full model of slow weights, bf16
-mixed precision, and the sharding setups that are refused when the arguments are built.
+"""``LookbehindTrainer`` under FSDP2 in two gloo processes
+(``tests/helpers/fsdp2_trainer_harness.py``, run once) against the Trainer without sharding in
+one process on the global batch, float64: same-batch mode with gradient accumulation and
+clipping, switching mode with adaptive alpha and ASAM, a mid-cycle checkpoint resumed
+bit-identically, the saved full model of slow weights, bf16 mixed precision, and the sharding
+setups that are refused when the arguments are built.
 
 Every run asserts that the Trainer really sharded (``is_fsdp_enabled``, FSDP2, every parameter
 a sharded DTensor): with ``--use_cpu`` alone, accelerate would train with DDP (see the harness).

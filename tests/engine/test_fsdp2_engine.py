@@ -1,7 +1,8 @@
 """The engine under FSDP2 (``fully_shard``, parameters as ``DTensor`` shards) in two gloo
 processes against the same engine unsharded in one process on the whole batch, float64: every
 method and mode to 1e-10, buffers sharded like the parameters, and a mid-cycle checkpoint of the
-sharded state resumed bit-identically. The processes run once (``tests/fsdp2_harness.py``)."""
+sharded state resumed bit-identically. The processes run once
+(``tests/helpers/fsdp2_harness.py``)."""
 
 from __future__ import annotations
 

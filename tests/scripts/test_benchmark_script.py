@@ -5,18 +5,15 @@ no speed: times are only checked to be positive and finite."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib
 import io
 import json
 import math
-import sys
 from dataclasses import asdict
 
 import pytest
 import torch
-from helpers import ROOT
 
-SCRIPT = ROOT / "scripts" / "benchmark_step.py"
 K = 2
 METHODS = ("sam", "lookbehind", "lookbehind_adaptive", "lookbehind_switching", "reference")
 # The Trainer row comes after the engine rows of each model, one per k.
@@ -57,17 +54,10 @@ COLUMNS = (
 )
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("benchmark_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench_script():
-    return load_script()
+    """The script as a module (``scripts/`` is on ``sys.path``)."""
+    return importlib.import_module("benchmark_step")
 
 
 @pytest.fixture(scope="module")
