@@ -33,7 +33,10 @@ def cifar10_test_subset(shared_data) -> CifarTensorDataset:
 
 @pytest.mark.parametrize(
     ("name", "blocks_per_stage", "recorded", "floor"),
-    [("resnet20", 3, 91.78, 0.78), ("resnet56", 9, 93.62, 0.80)],
+    [
+        ("resnet20", 3, 91.78, 0.78),
+        pytest.param("resnet56", 9, 93.62, 0.80, marks=pytest.mark.slow),
+    ],
 )
 def test_pretrained_resnet_accuracy(
     shared_data, cifar10_test_subset, name, blocks_per_stage, recorded, floor

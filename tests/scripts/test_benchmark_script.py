@@ -87,6 +87,7 @@ def floor_ms(method: str, k: int, pass_ms: float, update_ms: float) -> float:
     return (k + 1) * pass_ms + k * update_ms
 
 
+@pytest.mark.slow
 def test_rows_cover_both_models_and_every_method(tiny_run):
     rows, _, _ = tiny_run
     models = list(dict.fromkeys(row.model for row in rows))
@@ -104,6 +105,7 @@ def test_rows_cover_both_models_and_every_method(tiny_run):
         ]
 
 
+@pytest.mark.slow
 def test_values_agree_with_their_definitions(tiny_run):
     rows, _, _ = tiny_run
     for model in dict.fromkeys(row.model for row in rows):
@@ -129,6 +131,7 @@ def test_values_agree_with_their_definitions(tiny_run):
         assert all(row.speedup_vs_reference is None for row in [pass_row, update_row, *others])
 
 
+@pytest.mark.slow
 def test_printed_table_and_json(tiny_run):
     rows, printed, report = tiny_run
     header, table = printed.split("\nmodel", 1)

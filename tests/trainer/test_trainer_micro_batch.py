@@ -84,6 +84,7 @@ def test_one_micro_batch_per_step_is_todays_trainer(tmp_path, mode):
     assert max_param_difference(per_micro.model, today.model) == 0.0
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_micro_batches(tmp_path):
     """2 processes x 2 accumulation micro-batches of 4 hold the same four micro-batches per step
     as one process with 4 of them: m-SAM gives the same weights."""
