@@ -41,6 +41,16 @@ EXPECTED_PASSES = {
     "reference": 2 * K,
     "trainer": K + 1,
 }
+# The passes and base-optimizer updates of an outer step that a method cannot avoid, at K = 2;
+# its floor is passes x U + updates x O: SAM 2U + O, Lookbehind in same-batch mode
+# (k + 1)U + kO (the reference is compared with the same), minibatch switching 2kU + kO.
+FLOOR_PASSES_AND_UPDATES = {
+    "sam": (2, 1),
+    "lookbehind": (3, 2),
+    "lookbehind_adaptive": (3, 2),
+    "lookbehind_switching": (4, 2),
+    "reference": (3, 2),
+}
 COLUMNS = (
     "model",
     "method",
@@ -77,16 +87,6 @@ def tiny_run(bench_script, tmp_path_factory):
     return rows, printed.getvalue(), json.loads(json_path.read_text())
 
 
-def floor_ms(method: str, k: int, pass_ms: float, update_ms: float) -> float:
-    """The issue's floors: SAM 2U + O; Lookbehind (k + 1)U + kO (the reference is compared
-    with the same); minibatch switching 2kU + kO."""
-    if method == "sam":
-        return 2 * pass_ms + update_ms
-    if method == "lookbehind_switching":
-        return 2 * k * pass_ms + k * update_ms
-    return (k + 1) * pass_ms + k * update_ms
-
-
 @pytest.mark.slow
 def test_rows_cover_both_models_and_every_method(tiny_run):
     rows, _, _ = tiny_run
@@ -120,7 +120,8 @@ def test_values_agree_with_their_definitions(tiny_run):
         assert trainer.ratio_to_floor == pytest.approx(trainer.ms / trainer.floor_ms)
         assert trainer.buffers == EXPECTED_BUFFERS["trainer"]
         for row in method_rows:
-            expected_floor = floor_ms(row.method, row.k, pass_row.ms, update_row.ms)
+            passes, updates = FLOOR_PASSES_AND_UPDATES[row.method]
+            expected_floor = passes * pass_row.ms + updates * update_row.ms
             assert row.floor_ms == pytest.approx(expected_floor)
             assert row.ratio_to_floor == pytest.approx(row.ms / expected_floor)
             assert row.buffers == EXPECTED_BUFFERS[row.method], row
@@ -147,6 +148,22 @@ def test_printed_table_and_json(tiny_run):
     assert report["torch"] == torch.__version__
     assert report["settings"]["ks"] == [K] and report["settings"]["repeats"] == 2
     assert report["rows"] == [asdict(row) for row in rows]
+
+
+@pytest.mark.parametrize(
+    ("method", "k", "floor"),
+    [
+        ("sam", 1, 21.0),
+        ("lookbehind", 3, 43.0),
+        ("lookbehind_adaptive", 3, 43.0),
+        ("lookbehind_switching", 3, 63.0),
+        ("reference", 3, 43.0),
+    ],
+)
+def test_floor_of_a_method_at_k_3(bench_script, method, k, floor):
+    """With a pass of 10 ms and an update of 1 ms: SAM 2 passes and 1 update, same-batch
+    Lookbehind 4 passes and 3 updates, minibatch switching 6 passes and 3 updates."""
+    assert bench_script.Case(method, k).floor_ms(10.0, 1.0) == floor
 
 
 @pytest.mark.parametrize(
