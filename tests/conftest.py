@@ -1,5 +1,10 @@
-"""Fixtures and settings of the whole suite; what the tests share otherwise is the ``helpers``
-package (``tests/helpers``)."""
+"""Fixtures and settings of the whole suite. The tests are grouped by layer: ``engine/`` (the
+optimizer, its schedules, settings, faults, multi-tensor kernels, the reference, m-SAM, DDP and
+FSDP2), ``trainer/`` (the Trainer layer, its mixin, TRL, callbacks, resume, faults, FSDP2),
+``recipes/`` (``examples/`` and ``hf_lookbehind_recipes``), ``analysis/``, ``scripts/`` and
+``docs/`` (the README's examples). What they share otherwise is the ``helpers`` package
+(``tests/helpers``). Tests that take more than a few seconds are marked ``slow``
+(``-m "not slow"`` leaves them out)."""
 
 from __future__ import annotations
 
