@@ -267,6 +267,7 @@ class Lookbehind(torch.optim.Optimizer):
         self._init_run_state()
 
     def _apply_settings(self, settings: dict[str, Any]) -> None:
+        self._settings = dict(settings)
         for name, value in settings.items():
             setattr(self, name, value)
         none = self.perturbation == "none"
@@ -275,21 +276,9 @@ class Lookbehind(torch.optim.Optimizer):
     # ----------------------------------------------------------------- configuration and state
     @property
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments of the current setup (without the optimizer and the model)."""
-        return {
-            "method": self.method,
-            "k": self.k,
-            "alpha": self.alpha,
-            "rho": self.rho,
-            "perturbation": self.perturbation,
-            "asam_eta": self.asam_eta,
-            "adaptive_scope": self.adaptive_scope,
-            "minibatch_switching": self.minibatch_switching,
-            "batchnorm_update": self.batchnorm_update,
-            "max_grad_norm": self.max_grad_norm,
-            "micro_batch_ascent": self.micro_batch_ascent,
-            "ascent_sync": self.ascent_sync,
-        }
+        """The keyword arguments of the current setup (without the optimizer and the model), as
+        :func:`~hf_lookbehind.settings.validate_settings` filled them in."""
+        return dict(self._settings)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -472,7 +461,7 @@ class Lookbehind(torch.optim.Optimizer):
             self._check_cycle_buffers(state_dict, position)
 
     def _check_cycle_buffers(self, state_dict: dict[str, Any], position: int) -> None:
-        """A checkpoint saved mid-cycle must carry the open cycle's buffers for every
+        """A checkpoint saved mid-cycle must hold the open cycle's buffers for every
         parameter (without them the cycle cannot go on exactly)."""
         needed = (FAST,) if self.method == "lookahead" else (FAST, PERTURBED)
         entries = state_dict["state"]
