@@ -150,8 +150,9 @@ def newest_complete_checkpoint(output_dir: str) -> str:
 
 def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A Lookbehind state dict as the base optimizer alone would have written it: without the
-    engine's buffers and run state (``lookbehind_*``) and the groups' ``asam_scale``. Returns
-    it and the names of the dropped entries."""
+    engine's buffers and run state (``lookbehind_*``: entries of the per-parameter state, the
+    ``state["lookbehind_run"]`` entry, and, in older checkpoints, entries of the groups) and the
+    groups' ``asam_scale``. Returns it and the names of the dropped entries."""
     dropped: set[str] = set()
 
     def keep(entries: dict[str, Any]) -> dict[str, Any]:
@@ -159,9 +160,15 @@ def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, An
         dropped.update(ours)
         return {key: value for key, value in entries.items() if key not in ours}
 
+    state: dict[Any, Any] = {}
+    for index, entry in state_dict["state"].items():
+        if isinstance(index, str) and index.startswith(LOOKBEHIND_PREFIX):
+            dropped.add(index)  # the run state, not a parameter's entry
+        else:
+            state[index] = keep(entry)
     stripped = {
         **state_dict,
-        "state": {index: keep(entry) for index, entry in state_dict["state"].items()},
+        "state": state,
         "param_groups": [keep(group) for group in state_dict["param_groups"]],
     }
     return stripped, sorted(dropped)

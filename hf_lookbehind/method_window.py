@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 # The settings that differ between the two phases; all others are shared.
-PHASE_KEYS = ("method", "k", "alpha", "minibatch_switching")
+PHASE_KEYS = ("method", "k", "alpha", "adaptive_alpha", "minibatch_switching")
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,13 @@ like the parameters, so each rank holds its share of them; swaps become exact va
 of the local shards, and every norm and cosine is that of the whole tensors (per-shard partial
 sums, one all-reduce). No step gathers a parameter.
 
+Hyper-parameters and run state, as in ``torch.optim``: ``rho``, ``alpha`` and the adaptive-alpha
+switch are entries of every parameter group (``lookbehind_rho``, ``lookbehind_alpha``,
+``lookbehind_adaptive_alpha``), with the constructor's values as defaults, so a scheduler or a
+training loop changes them between steps and the next step uses them (see :class:`Lookbehind`).
+The run state (cycle position, counters, the setup a checkpoint records) lives in the
+optimizer's ``state`` under ``"lookbehind_run"``.
+
 Non-finite gradients: every pass checks the global gradient norm on the device. A NaN/inf in
 any pass of an outer step (a cycle of k calls in switching and lookahead mode) discards the
 outer step: ``S`` stays bit-identical and ``F``/``P`` restart from it, and
@@ -43,14 +50,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from ._schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent, schedule_for
 from .alpha import adaptive_alpha
 from .batchnorm import RunningStatsGuard, batchnorm_modules, frozen_running_stats
 from .distributed import agree_on_flag_, average_, world_size
@@ -63,37 +73,42 @@ from .multi_tensor import (
     zero_nonfinite_,
 )
 from .perturbation import PERTURBATIONS, Perturbation, describe_perturbation, perturbation_for
-from .schedules import BUFFERS, FAST, FIRST_FAST, PERTURBED, micro_batch_ascent, schedule_for
-from .settings import METHODS, applicable_settings, refuse_schedule_free, validate_settings
+from .settings import (
+    ALPHA_METHODS,
+    DEFAULT_ADAPTIVE_SCOPE,
+    DEFAULT_ALPHA,
+    applicable_settings,
+    check_alpha_value,
+    check_nonnegative,
+    refuse_schedule_free,
+    validate_settings,
+)
 from .sharding import local_shards
 
-__all__ = [
-    "BUFFERS",
-    "METHODS",
-    "BufferFootprint",
-    "CheckedGradients",
-    "Lookbehind",
-    "LookbehindStats",
-]
+__all__ = ["BufferFootprint", "Lookbehind", "LookbehindStats"]
 
-# Per-parameter buffers (``schedules.BUFFERS``) live in ``Lookbehind.lookbehind_state``, apart
-# from the base optimizer's ``state`` (which optimizers such as Adam initialise only while it is
-# empty), and travel inside the base optimizer's per-parameter entries of ``state_dict()``.
-
-# Run state, kept in ``param_groups[0]``.
-CYCLE_POSITION = "lookbehind_cycle_position"
-CYCLE_NONFINITE = "lookbehind_cycle_nonfinite"
-SKIPPED_STEPS = "lookbehind_skipped_steps"
-LAST_ALPHA = "lookbehind_last_alpha"
-GRADIENT_COMPUTATIONS = "lookbehind_gradient_computations"
-CONFIG = "lookbehind_config"
+# Hyper-parameters kept in every parameter group: the setting each one gives a value to.
+RHO = "lookbehind_rho"
+ALPHA = "lookbehind_alpha"
+ADAPTIVE_ALPHA = "lookbehind_adaptive_alpha"
+GROUP_SETTINGS = {RHO: "rho", ALPHA: "alpha", ADAPTIVE_ALPHA: "adaptive_alpha"}
+# Run state, kept in ``state[RUN_STATE]`` (and so in ``state_dict()["state"]``).
+RUN_STATE = "lookbehind_run"
+# Where older checkpoints kept the run state: entries of ``param_groups[0]``.
+_GROUP_ZERO_RUN_STATE = {
+    "lookbehind_cycle_position": "cycle_position",
+    "lookbehind_cycle_nonfinite": "cycle_nonfinite",
+    "lookbehind_skipped_steps": "skipped_steps",
+    "lookbehind_last_alpha": "last_alpha",
+    "lookbehind_gradient_computations": "gradient_computations",
+    "lookbehind_config": "config",
+}
 # Which config entries a checkpoint must agree on to be resumed between outer steps (in the
 # middle of a cycle, every entry must agree).
 _FIXED_KEYS = (
     "method",
     "k",
     "minibatch_switching",
-    "adaptive",
     "perturbation",
     "adaptive_scope",
     "micro_batch_ascent",
@@ -153,8 +168,10 @@ class Lookbehind(torch.optim.Optimizer):
         base_optimizer: the optimizer ``A`` that updates the fast weights (SGD, Adam, ...).
         method: ``lookbehind``, ``sam``, ``multistep``, ``multistep_avg`` or ``lookahead``.
         k: inner steps per outer step (ascent steps for multistep); default 2, and 1 for sam.
-        alpha: slow-weight step size in (0, 1] (default 0.5), or ``"adaptive"`` (eq. 7-8,
-            lookbehind only); for lookbehind and lookahead, refused for the other methods.
+        alpha: slow-weight step size in (0, 1] (default 0.5); lookbehind and lookahead only.
+            ``"adaptive"`` is the deprecated spelling of ``adaptive_alpha=True``.
+        adaptive_alpha: alpha by eq. 7-8 at every slow-weight update instead of the static
+            alpha (default False; lookbehind only).
         rho: neighbourhood radius of the ascent step (default 0.05).
         perturbation: the ascent step: ``sam`` (eq. 3), ``asam`` (eq. 4), ``fisher``
             (Fisher-SAM), ``none`` (lookahead only), or any
@@ -173,9 +190,9 @@ class Lookbehind(torch.optim.Optimizer):
             asking for ``first_pass`` is an error.
         max_grad_norm: clip the global gradient norm of every descent update to this value
             (never the ascent direction); ``None`` does not clip.
-        micro_batch_ascent: m-SAM (Table 9): ``step`` takes a sequence of closures, one per
+        micro_batch_ascent: m-SAM (Table 9): :meth:`step_micro_batches` takes one closure per
             micro-batch, each perturbed with its own gradient; the descent uses the sum of their
-            gradients (see :func:`hf_lookbehind.schedules.micro_batch_ascent`). For ``sam`` and
+            gradients. For ``sam`` and
             same-batch ``lookbehind``. Under DDP, run each micro-batch's closure without
             all-reduce (``model.no_sync()``): the engine averages the gradient sums.
         ascent_sync: ``global`` (default: the gradients a pass leaves are the ascent's) or
@@ -189,6 +206,23 @@ class Lookbehind(torch.optim.Optimizer):
             ``grad_scaler.step``/``update`` yourself.
 
     A setting given where the method does not read it is refused, so none is silently ignored.
+
+    ``rho``, ``alpha`` and ``adaptive_alpha`` are the defaults of the parameter-group entries
+    ``lookbehind_rho``, ``lookbehind_alpha`` and ``lookbehind_adaptive_alpha`` (a group of the
+    base optimizer that already has one keeps its value). Change them between steps, by hand or
+    from a schedule, as ``lr``: every step reads ``rho`` at each ascent, ``alpha`` at the
+    slow-weight update, and the adaptive switch when an outer step begins (in switching and
+    lookahead mode the switch applies from the next cycle). Per group: with ``rho_g`` the
+    radius of group g, the ascent is ``eps_g = rho_g d_g / ||d||`` (SAM: ``d = g``), the norm
+    still that of the whole model, so equal values give eq. 3/4 and a group with
+    ``rho_g = 0`` is not perturbed; ``alpha_g`` is the step size of the group's slow weights.
+    The adaptive switch must be the same in every group. :meth:`load_state_dict` restores the
+    groups' values (scheduled ones included) as it restores ``lr``, except a constructor value
+    changed since the checkpoint, which then applies to every group (logged).
+
+    Public surface beyond ``torch.optim.Optimizer``: :meth:`step`, :meth:`step_micro_batches`,
+    :meth:`stats`, :meth:`buffer_footprint`, :meth:`reconfigure`, :attr:`settings`,
+    :attr:`cycle_position` and ``base_optimizer``.
     """
 
     def __init__(
@@ -198,6 +232,7 @@ class Lookbehind(torch.optim.Optimizer):
         method: str = "lookbehind",
         k: int | None = None,
         alpha: float | str | None = None,
+        adaptive_alpha: bool | None = None,
         rho: float | None = None,
         perturbation: str | Perturbation = "sam",
         asam_eta: float | None = None,
@@ -232,6 +267,7 @@ class Lookbehind(torch.optim.Optimizer):
             method=method,
             k=k,
             alpha=alpha,
+            adaptive_alpha=adaptive_alpha,
             rho=rho,
             perturbation=perturbation,
             asam_eta=asam_eta,
@@ -250,73 +286,163 @@ class Lookbehind(torch.optim.Optimizer):
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
-        self.lookbehind_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(
+        self.base_optimizer = base_optimizer
+        # Per-parameter buffers (``_schedules.BUFFERS``), apart from the base optimizer's
+        # ``state`` (which optimizers such as Adam initialise only while it is empty); they
+        # travel inside its per-parameter entries of ``state_dict()``.
+        self._lookbehind_state: defaultdict[torch.Tensor, dict[str, torch.Tensor]] = defaultdict(
             dict
         )
-        self.base_optimizer = base_optimizer
         self._apply_settings(settings)
         self._batchnorms = batchnorm_modules(model)
         self._running_stats = RunningStatsGuard(self._batchnorms)
-        self.grad_scaler = grad_scaler
+        self._grad_scaler = grad_scaler
         self._fresh_statistics = False  # the last pass updated the BatchNorm statistics
         self._transaction = _StepTransaction()
-        self.last_ascent_grad_norm: torch.Tensor | None = None
-        self.last_perturbation_distance: torch.Tensor | None = None
-        self.last_descent_grad_norm: torch.Tensor | None = None
+        self._values = _GroupValues()
+        self._last_ascent_grad_norm: torch.Tensor | None = None
+        self._last_perturbation_distance: torch.Tensor | None = None
+        self._last_descent_grad_norm: torch.Tensor | None = None
         self._checked_norm: torch.Tensor | None = None
         self._init_run_state()
+        self._read_group_values()  # a bad value given in a group fails here, before any work
 
     def _apply_settings(self, settings: dict[str, Any]) -> None:
         self._settings = dict(settings)
-        for name, value in settings.items():
-            setattr(self, name, value)
-        none = self.perturbation == "none"
-        self._ascent = None if none else perturbation_for(self.perturbation, self.asam_eta)
+        self._setup = SimpleNamespace(**settings)
+        none = settings["perturbation"] == "none"
+        self._ascent = (
+            None if none else perturbation_for(settings["perturbation"], settings["asam_eta"])
+        )
 
     # ----------------------------------------------------------------- configuration and state
     @property
     def settings(self) -> dict[str, Any]:
         """The keyword arguments of the current setup (without the optimizer and the model), as
-        :func:`~hf_lookbehind.settings.validate_settings` filled them in."""
+        :func:`~hf_lookbehind.settings.validate_settings` filled them in. ``rho``, ``alpha``
+        and ``adaptive_alpha`` are the parameter groups' defaults; the groups hold the values
+        in use."""
         return dict(self._settings)
 
     @property
-    def config(self) -> dict[str, Any]:
-        """:attr:`settings` (the perturbation as it is described, with its hyper-parameters) and
-        whether alpha is adaptive: what a checkpoint records."""
-        config = {**self.settings, "adaptive": self.alpha == "adaptive"}
-        config["perturbation"] = describe_perturbation(self.perturbation, config.pop("asam_eta"))
+    def _config(self) -> dict[str, Any]:
+        """:attr:`settings` with the perturbation as it is described, with its
+        hyper-parameters: what a checkpoint records."""
+        config = self.settings
+        config["perturbation"] = describe_perturbation(
+            config["perturbation"], config.pop("asam_eta")
+        )
         return config
 
     def reconfigure(self, **changes: Any) -> None:
         """Switch to another setup between outer steps, keeping the base optimizer's state
         (Sec. 5.4: SAM/ASAM for some epochs, then Lookbehind, or the reverse). ``changes`` are
         constructor settings (``method``, ``k``, ``alpha``, ...); a setting not given keeps its
-        value where the new method reads it (``k`` falls back to its default). The Lookbehind
-        buffers are released; the next step allocates what the new setup needs."""
+        value where the new method reads it (``k`` falls back to its default, and the groups
+        keep their ``rho``/``alpha`` values). ``rho``, ``alpha`` or ``adaptive_alpha`` given
+        here apply to every group. The Lookbehind buffers are released; the next step allocates
+        what the new setup needs."""
         if self.cycle_position != 0:
             raise RuntimeError(
-                f"reconfigure() between outer steps only: {self.cycle_position} of {self.k} "
-                "inner steps of the current cycle are done"
+                f"reconfigure() between outer steps only: {self.cycle_position} of "
+                f"{self._setup.k} inner steps of the current cycle are done"
             )
-        unknown = set(changes) - set(self.settings)
+        unknown = set(changes) - set(self._settings)
         if unknown:
-            raise TypeError(f"unknown settings {sorted(unknown)}; allowed: {sorted(self.settings)}")
-        carried = applicable_settings({**self.settings, "k": None, **changes})
+            raise TypeError(
+                f"unknown settings {sorted(unknown)}; allowed: {sorted(self._settings)}"
+            )
+        carried = applicable_settings({**self._settings, "k": None, **changes})
+        if "alpha" in changes:  # a static alpha, or the switch's deprecated spelling
+            carried["adaptive_alpha"] = None
+        if changes.get("adaptive_alpha"):
+            carried["alpha"] = None
         self._apply_settings(validate_settings(**{**carried, **changes}))
-        self.lookbehind_state.clear()
+        self._lookbehind_state.clear()
         self._init_run_state()
+        given = {GROUP_KEYS[name] for name in changes if name in GROUP_KEYS}
+        if "alpha" in changes:
+            given.add(ADAPTIVE_ALPHA)  # alpha="adaptive", or a static alpha, sets the switch too
+        self._fill_group_values(overwrite=given)
+        self._read_group_values()
 
     def _init_run_state(self) -> None:
         for group in self.param_groups:
             group.setdefault("asam_scale", True)
-        run = self.param_groups[0]
-        run.setdefault(CYCLE_POSITION, 0)
-        run.setdefault(CYCLE_NONFINITE, None)
-        run.setdefault(SKIPPED_STEPS, None)
-        run.setdefault(LAST_ALPHA, None)
-        run.setdefault(GRADIENT_COMPUTATIONS, 0)
-        run[CONFIG] = self.config
+        run = self._run
+        run.setdefault("cycle_position", 0)
+        run.setdefault("cycle_adaptive", False)
+        run.setdefault("cycle_nonfinite", None)
+        run.setdefault("skipped_steps", None)
+        run.setdefault("last_alpha", None)
+        run.setdefault("gradient_computations", 0)
+        run["config"] = self._config
+
+    @property
+    def _run(self) -> dict[str, Any]:
+        """The run state: ``state[RUN_STATE]``."""
+        return self.state.setdefault(RUN_STATE, {})
+
+    def _fill_group_values(self, overwrite: Sequence[str]) -> None:
+        """Give every group the hyper-parameters the method reads (the setting's value where a
+        group has none, or for the keys in ``overwrite``), and drop those it does not read."""
+        for group in self.param_groups:
+            for key, name in GROUP_SETTINGS.items():
+                value = self._settings[name]
+                if value is None:
+                    group.pop(key, None)
+                elif key in overwrite or key not in group:
+                    group[key] = value
+
+    def _check_group(self, where: str, group: dict[str, Any]) -> None:
+        """Refuse a group's hyper-parameter that the method does not read, or a bad value."""
+        for key, name in GROUP_SETTINGS.items():
+            if key in group and self._settings[name] is None:
+                raise ValueError(
+                    f"{where} sets {key}={group[key]!r}, which method={self._setup.method!r} "
+                    f"with perturbation={self._settings['perturbation']!r} does not read; "
+                    "remove it"
+                )
+        if RHO in group:
+            check_nonnegative(f"{where}[{RHO!r}]", group[RHO])
+        if ALPHA in group:
+            check_alpha_value(f"{where}[{ALPHA!r}]", group[ALPHA])
+        switch = group.get(ADAPTIVE_ALPHA, False)
+        if not isinstance(switch, bool):
+            raise ValueError(f"{where}[{ADAPTIVE_ALPHA!r}] must be True or False, got {switch!r}")
+        if switch and self._setup.method != "lookbehind":
+            raise ValueError(
+                f"{where}[{ADAPTIVE_ALPHA!r}] is True, but adaptive alpha is defined for "
+                f"method='lookbehind', not {self._setup.method!r}"
+            )
+
+    def _read_group_values(self) -> None:
+        """Check the groups' hyper-parameters and keep them for this step: a bad value, or one
+        the method does not read, fails here, before the step does any work. A group without
+        one (added to the base optimizer directly) gets the setting's value."""
+        for index, group in enumerate(self.param_groups):
+            self._check_group(f"param_groups[{index}]", group)
+        self._fill_group_values(overwrite=())
+        rhos: dict[int, float] = {}
+        alphas: list[float] = []
+        switches: set[bool] = set()
+        for group in self.param_groups:
+            if RHO in group:
+                rhos.update((id(p), float(group[RHO])) for p in group["params"])
+            if ALPHA in group:
+                alphas += [float(group[ALPHA])] * len(group["params"])
+                switches.add(group[ADAPTIVE_ALPHA])
+        if len(switches) > 1:
+            raise ValueError(
+                f"{ADAPTIVE_ALPHA!r} differs between the parameter groups: one slow-weight "
+                "update takes adaptive alpha (eq. 7-8) for all of them or for none"
+            )
+        uniform_rho = set(rhos.values())
+        self._values = _GroupValues(
+            rho=(uniform_rho.pop() if len(uniform_rho) == 1 else rhos) if rhos else None,
+            alpha=(alphas[0] if len(set(alphas)) == 1 else alphas) if alphas else None,
+            adaptive=switches.pop() if switches else False,
+        )
 
     def stats(self) -> LookbehindStats:
         """The diagnostics for a log, as host numbers (one read per value: a synchronisation on
@@ -325,23 +451,24 @@ class Lookbehind(torch.optim.Optimizer):
         def read(value: torch.Tensor | None) -> float | None:
             return None if value is None else value.float().mean().item()
 
-        skipped = self.skipped_steps
+        run = self._run
+        skipped = run["skipped_steps"]
         return LookbehindStats(
-            alpha=read(self.last_alpha),
-            ascent_grad_norm=read(self.last_ascent_grad_norm),
-            perturbation_distance=read(self.last_perturbation_distance),
-            descent_grad_norm=read(self.last_descent_grad_norm),
+            alpha=read(run["last_alpha"]),
+            ascent_grad_norm=read(self._last_ascent_grad_norm),
+            perturbation_distance=read(self._last_perturbation_distance),
+            descent_grad_norm=read(self._last_descent_grad_norm),
             skipped_steps=0 if skipped is None else int(skipped.item()),
-            gradient_computations=self.gradient_computations,
+            gradient_computations=run["gradient_computations"],
         )
 
     def buffer_footprint(self) -> BufferFootprint:
         """The persistent memory of the engine's buffers (fast, perturbed, first fast, gradient
         sums, local gradients), in bytes and in copies of the parameters it optimizes."""
         local = local_shards(
-            [t for entry in self.lookbehind_state.values() for t in entry.values()]
+            [t for entry in self._lookbehind_state.values() for t in entry.values()]
         )
-        params = local_shards(self.params)
+        params = local_shards(self._params)
         numel = sum(t.numel() for t in local)
         return BufferFootprint(
             bytes=sum(t.numel() * t.element_size() for t in local),
@@ -350,94 +477,100 @@ class Lookbehind(torch.optim.Optimizer):
 
     @property
     def cycle_position(self) -> int:
-        """Inner steps done in the current outer step (always 0 in same-batch mode)."""
-        return self.param_groups[0][CYCLE_POSITION]
-
-    @property
-    def skipped_steps(self) -> torch.Tensor | None:
-        """Device counter of outer steps discarded for a non-finite gradient."""
-        return self.param_groups[0][SKIPPED_STEPS]
-
-    @property
-    def gradient_computations(self) -> int:
-        """Forward/backward passes over the batch so far (Table 10's "gradient computations"),
-        kept in the state dict so that it continues across a resume."""
-        return self.param_groups[0][GRADIENT_COMPUTATIONS]
-
-    @property
-    def last_alpha(self) -> torch.Tensor | None:
-        """The alpha of the last slow-weight update: a 0-d tensor, or one per parameter
-        tensor for ``adaptive_scope='per_tensor'`` (device tensors; read them when logging)."""
-        return self.param_groups[0][LAST_ALPHA]
+        """Inner steps done in the current outer step (always 0 in same-batch mode): between
+        outer steps when 0, where the model holds the slow weights of a finished update."""
+        return self._run["cycle_position"]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "base_optimizer" not in self.__dict__:  # called by Optimizer.__init__
             return super().add_param_group(param_group)
         if self.cycle_position != 0:
             raise RuntimeError(
-                f"add_param_group() between outer steps only: {self.cycle_position} of {self.k} "
-                "inner steps of the current cycle are done, and the open cycle's buffers cover "
-                "the parameters it started with; add the group when cycle_position is 0"
+                f"add_param_group() between outer steps only: {self.cycle_position} of "
+                f"{self._setup.k} inner steps of the current cycle are done, and the open "
+                "cycle's buffers cover the parameters it started with; add the group when "
+                "cycle_position is 0"
             )
+        self._check_group("the new parameter group", param_group)
         self.base_optimizer.add_param_group(param_group)
         self.param_groups[-1].setdefault("asam_scale", True)
+        self._read_group_values()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict with the run state in ``param_groups[0]`` and, in the
-        middle of a cycle (switching and lookahead mode), the Lookbehind buffers inside the
-        per-parameter entries. Between outer steps the buffers hold nothing that the next
-        step reads, so they are left out."""
+        """The base optimizer's state dict with the run state in ``state["lookbehind_run"]``,
+        the hyper-parameters in the groups and, in the middle of a cycle (switching and
+        lookahead mode), the Lookbehind buffers inside the per-parameter entries. Between outer
+        steps the buffers hold nothing that the next step reads, so they are left out."""
         state_dict = super().state_dict()
         if self.cycle_position == 0:
             return state_dict
         packed = dict(state_dict["state"])
-        for index, p in enumerate(self.params):
-            buffers = {k: v for k, v in self.lookbehind_state.get(p, {}).items() if k in BUFFERS}
+        for index, p in enumerate(self._params):
+            entry = self._lookbehind_state.get(p, {})
+            buffers = {k: v for k, v in entry.items() if k in BUFFERS}
             if buffers:
                 packed[index] = {**packed.get(index, {}), **buffers}
         return {**state_dict, "state": packed}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a checkpoint of this engine (or of its base optimizer alone). The setup must
-        match the checkpoint's: in the middle of a cycle exactly, between outer steps up to the
-        hyper-parameters a run may change (``rho``, a static ``alpha``, ``max_grad_norm``,
-        ``batchnorm_update``), whose old and new values are logged."""
-        self._check_resumed_setup(state_dict)
-        base_entries, buffers = {}, {}
+        """Load a checkpoint of this engine (or of its base optimizer alone, or one written
+        before the run state moved out of ``param_groups[0]``). The setup must match the
+        checkpoint's: in the middle of a cycle exactly, between outer steps up to the
+        hyper-parameters a run may change (``rho``, ``alpha``, ``adaptive_alpha``,
+        ``max_grad_norm``, ``batchnorm_update``), whose old and new values are logged. The
+        groups' ``rho``/``alpha`` values come from the checkpoint, unless the constructor's
+        value changed since."""
+        state_dict = upgraded_state_dict(state_dict)
+        changed = self._check_resumed_setup(state_dict)
         base_entries, buffers = {}, {}
         for index, entry in state_dict["state"].items():
+            if index == RUN_STATE:
+                continue
             base_entries[index] = {k: v for k, v in entry.items() if k not in BUFFERS}
             buffers[index] = {k: v for k, v in entry.items() if k in BUFFERS}
         self.base_optimizer.load_state_dict({**state_dict, "state": base_entries})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self.lookbehind_state.clear()
-        params = self.params
+        self._lookbehind_state.clear()
+        params = self._params
         for index, entry in buffers.items():
             p = params[index]
             for key, value in entry.items():
-                self.lookbehind_state[p][key] = value.to(device=p.device, dtype=p.dtype)
+                self._lookbehind_state[p][key] = value.to(device=p.device, dtype=p.dtype)
+        run = state_dict["state"].get(RUN_STATE)
+        self.state[RUN_STATE] = {} if run is None else dict(run)
         self._init_run_state()
+        self._fill_group_values(
+            overwrite={GROUP_KEYS[name] for name in changed if name in GROUP_KEYS}
+        )
+        self._read_group_values()
 
-    def _check_resumed_setup(self, state_dict: dict[str, Any]) -> None:
-        run = state_dict["param_groups"][0]
-        saved = run.get(CONFIG)
+    def _check_resumed_setup(self, state_dict: dict[str, Any]) -> list[str]:
+        """Refuse a checkpoint whose setup cannot be resumed with this one; return the
+        settings that changed where a change is allowed (each logged)."""
+        saved = saved_config(state_dict)
         if saved is None:
-            return
-        saved = applicable_settings(saved)  # older checkpoints recorded unread settings too
-        if saved.get("perturbation") in PERTURBATIONS:  # and named the perturbation only
-            eta = saved.pop("asam_eta", None)
-            saved["perturbation"] = describe_perturbation(saved["perturbation"], eta)
-        position = run.get(CYCLE_POSITION, 0)
+            return []
+        run = state_dict["state"].get(RUN_STATE, {})
+        position = run.get("cycle_position", 0)
         changed = {
             key: (saved.get(key), value)
-            for key, value in self.config.items()
+            for key, value in self._config.items()
             if key in saved and saved[key] != value
         }
-        refused = changed if position else {k: v for k, v in changed.items() if k in _FIXED_KEYS}
+        refused = (
+            changed
+            if position
+            else {
+                key: (old, new)
+                for key, (old, new) in changed.items()
+                # adaptive_scope follows the adaptive switch (None without it), which may change
+                if key in _FIXED_KEYS and not (key == "adaptive_scope" and None in (old, new))
+            }
+        )
         if refused:
             details = ", ".join(
                 f"{key}={old!r} (now {new!r})" for key, (old, new) in refused.items()
@@ -446,8 +579,8 @@ class Lookbehind(torch.optim.Optimizer):
                 f"in the middle of a cycle ({position} of {saved.get('k')} inner steps done), "
                 "where every setting must match"
                 if position
-                else "between outer steps, where only rho, a static alpha, max_grad_norm and "
-                "batchnorm_update may change"
+                else "between outer steps, where only rho, alpha, adaptive_alpha, max_grad_norm "
+                "and batchnorm_update may change"
             )
             raise ValueError(
                 f"checkpoint was written with a different Lookbehind setup: {details}; it was "
@@ -459,36 +592,170 @@ class Lookbehind(torch.optim.Optimizer):
             )
         if position:
             self._check_cycle_buffers(state_dict, position)
+        return list(changed)
 
     def _check_cycle_buffers(self, state_dict: dict[str, Any], position: int) -> None:
         """A checkpoint saved mid-cycle must hold the open cycle's buffers for every
         parameter (without them the cycle cannot go on exactly)."""
-        needed = (FAST,) if self.method == "lookahead" else (FAST, PERTURBED)
+        needed = (FAST,) if self._setup.method == "lookahead" else (FAST, PERTURBED)
         entries = state_dict["state"]
         missing = [
             index
-            for index in range(len(self.params))
+            for index in range(len(self._params))
             if any(key not in entries.get(index, {}) for key in needed)
         ]
         if missing:
             raise ValueError(
-                f"checkpoint was saved in the middle of a cycle ({position} of {self.k} inner "
-                f"steps done) but lacks the cycle's buffers {list(needed)} for parameters "
+                f"checkpoint was saved in the middle of a cycle ({position} of {self._setup.k} "
+                f"inner steps done) but lacks the cycle's buffers {list(needed)} for parameters "
                 f"{missing[:8]}{' ...' if len(missing) > 8 else ''}: it cannot be resumed "
                 "exactly; resume from a checkpoint saved between outer steps"
             )
 
-    # ------------------------------------------------------------ primitives of the schedules
+    # ------------------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(  # type: ignore[override]
+        self, closure: Closure | None = None
+    ) -> torch.Tensor:
+        """One step on one minibatch; ``closure`` computes the loss on it and calls
+        ``backward()`` (the engine zeroes gradients itself). Returns the loss of the first pass,
+        at the weights the parameters held on entry."""
+        if closure is None:
+            raise ValueError(
+                "Lookbehind.step needs a closure that computes the loss on the minibatch and "
+                "calls backward(); it runs it once per forward/backward pass"
+            )
+        if not callable(closure):
+            if not self._setup.micro_batch_ascent:
+                raise TypeError(
+                    "a sequence of closures (one per micro-batch) needs micro_batch_ascent=True "
+                    "and step_micro_batches()"
+                )
+            warnings.warn(
+                "step(closures) with a sequence of micro-batch closures is deprecated: call "
+                "step_micro_batches(closures)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return self.step_micro_batches(closure)
+        if self._setup.micro_batch_ascent:
+            return self.step_micro_batches([closure])
+        schedule = schedule_for(self._setup.method, self._setup.minibatch_switching)
+        return self._run_transaction(lambda: schedule(self, closure))
+
+    @torch.no_grad()
+    def step_micro_batches(self, closures: Sequence[Closure]) -> torch.Tensor:
+        """m-SAM (``micro_batch_ascent=True``): one step on a batch given as micro-batches, one
+        closure each (each closure's loss is its share of the batch loss, as in gradient
+        accumulation); every micro-batch is perturbed with its own gradient and the descent
+        uses the sum of their gradients (see :func:`hf_lookbehind._schedules.micro_batch_ascent`).
+        Returns the summed loss of the first passes."""
+        if not self._setup.micro_batch_ascent:
+            raise ValueError(
+                "step_micro_batches() is m-SAM: construct the engine with micro_batch_ascent=True"
+            )
+        closures = list(closures)
+        if not closures or not all(callable(closure) for closure in closures):
+            raise TypeError("step_micro_batches needs one or more closures, one per micro-batch")
+        return self._run_transaction(lambda: micro_batch_ascent(self, closures))
+
+    def _run_transaction(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run one step's schedule so that every exit leaves the model at the slow weights: a
+        skipped step (non-finite value) restores the BatchNorm statistics too, and an exception
+        restores the parameters, statistics and run state (see :meth:`_roll_back`)."""
+        self._read_group_values()
+        self._begin_step()
+        try:
+            loss = run()
+        except BaseException as error:
+            self._roll_back(error)
+            raise
+        self._end_step()
+        return loss
+
+    def _begin_step(self) -> None:
+        run = self._run
+        flag = run["cycle_nonfinite"]
+        position = run["cycle_position"]
+        # Between outer steps the flag is always reset; mid-cycle it carries the cycle's state.
+        held = None if flag is None or position == 0 else flag.clone()
+        self._transaction = _StepTransaction(
+            cycle_position=position,
+            cycle_adaptive=run["cycle_adaptive"],
+            gradient_computations=run["gradient_computations"],
+            nonfinite=held,
+        )
+        if position == 0:
+            run["cycle_adaptive"] = self._values.adaptive
+        if self._batchnorms:
+            self._running_stats.save()
+
+    def _end_step(self) -> None:
+        flag = self._run["cycle_nonfinite"]
+        if flag is None:
+            return
+        if self._batchnorms:
+            self._running_stats.restore(drop=flag)
+        if self.cycle_position == 0:
+            flag.zero_()
+
+    def _roll_back(self, error: BaseException) -> None:
+        """After an exception inside a step: swap every buffer back, put back the values that
+        the step's backups hold, restore the BatchNorm statistics and the run state. If the
+        step had changed nothing that outlives it, the engine is as before the step; otherwise
+        (the base optimizer had updated, or a mid-cycle buffer had moved) the open outer step
+        is discarded as for a non-finite gradient: the slow weights are kept and
+        ``skipped_steps`` counts it."""
+        transaction, state, params = self._transaction, self._lookbehind_state, self._params
+        for key in reversed(transaction.swapped):
+            swap_storage(params, state, key)
+        for target, source in reversed(transaction.backups):
+            held = [p.data for p in params] if target == "params" else self._buffers(target)
+            copy_values_(held, self._buffers(source))
+        self._running_stats.restore()
+        self.base_optimizer.zero_grad(set_to_none=True)
+        run = self._run
+        run["gradient_computations"] = transaction.gradient_computations
+        nonfinite, skipped = self._run_tensors(params[0].device)
+        if transaction.recoverable:
+            run["cycle_position"] = transaction.cycle_position
+            run["cycle_adaptive"] = transaction.cycle_adaptive
+            if transaction.nonfinite is None:
+                nonfinite.zero_()
+            else:
+                nonfinite.copy_(transaction.nonfinite)
+            outcome = "the optimizer's state is as before the step"
+        else:
+            run["cycle_position"] = 0
+            skipped.add_(1)
+            nonfinite.zero_()
+            outcome = (
+                "the open outer step was discarded as for a non-finite gradient (counted in "
+                "skipped_steps); the base optimizer keeps the updates it had made in it"
+            )
+        _logger.warning(
+            "Lookbehind step interrupted by %r: the model holds the slow weights; %s",
+            error,
+            outcome,
+        )
+        error.add_note(f"Lookbehind: the model holds the slow weights; {outcome}.")
+
+    # ------------------------------------------------ primitives of the schedules (private)
     @property
-    def params(self) -> list[torch.Tensor]:
+    def _params(self) -> list[torch.Tensor]:
         """Every parameter of every group, in ``state_dict`` order."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def buffers(self, key: str) -> list[torch.Tensor]:
-        """The buffer ``key`` of every parameter, in :attr:`params` order."""
-        return [self.lookbehind_state[p][key] for p in self.params]
+    @property
+    def _adaptive(self) -> bool:
+        """Whether the open outer step updates ``S`` with adaptive alpha (eq. 7-8)."""
+        return self._run["cycle_adaptive"]
 
-    def gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
+    def _buffers(self, key: str) -> list[torch.Tensor]:
+        """The buffer ``key`` of every parameter, in :attr:`_params` order."""
+        return [self._lookbehind_state[p][key] for p in self._params]
+
+    def _gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]:
         """Parameters that received a gradient, their gradients, and their ASAM flags."""
         params, grads, scaled = [], [], []
         for group in self.param_groups:
@@ -500,51 +767,51 @@ class Lookbehind(torch.optim.Optimizer):
         return params, grads, scaled
 
     def _run_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        run = self.param_groups[0]
-        nonfinite, skipped = run[CYCLE_NONFINITE], run[SKIPPED_STEPS]
+        run = self._run
+        nonfinite, skipped = run["cycle_nonfinite"], run["skipped_steps"]
         if nonfinite is None:
             nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         if skipped is None:
             skipped = torch.zeros((), dtype=torch.int64, device=device)
-        run[CYCLE_NONFINITE], run[SKIPPED_STEPS] = nonfinite.to(device), skipped.to(device)
-        return run[CYCLE_NONFINITE], run[SKIPPED_STEPS]
+        run["cycle_nonfinite"], run["skipped_steps"] = nonfinite.to(device), skipped.to(device)
+        return run["cycle_nonfinite"], run["skipped_steps"]
 
     @property
-    def nonfinite_flag(self) -> torch.Tensor:
+    def _nonfinite_flag(self) -> torch.Tensor:
         """Device flag: the current outer step has seen a non-finite gradient."""
-        return self.param_groups[0][CYCLE_NONFINITE]
+        return self._run["cycle_nonfinite"]
 
-    def keep_factor(self, dtype: torch.dtype) -> torch.Tensor:
+    def _keep_factor(self, dtype: torch.dtype) -> torch.Tensor:
         """1 while the current outer step has seen only finite gradients, else 0."""
-        return (~self.nonfinite_flag).to(dtype)
+        return (~self._nonfinite_flag).to(dtype)
 
-    def forward_backward(
+    def _forward_backward(
         self, closure: Closure, *, first: bool, count: bool = True
     ) -> torch.Tensor:
-        """One pass: zero the gradients, run ``closure`` (forward + backward), then the
-        :meth:`after_backward` hook. ``first``: the pass at the weights held on entry (the only
+        """One pass: zero the gradients, run ``closure`` (forward + backward), then
+        :meth:`_after_backward`. ``first``: the pass at the weights held on entry (the only
         one that updates BatchNorm statistics with ``batchnorm_update='first_pass'``);
         ``count``: the pass counts as one gradient computation over the batch."""
         if count:
-            self.param_groups[0][GRADIENT_COMPUTATIONS] += 1
+            self._run["gradient_computations"] += 1
         self.base_optimizer.zero_grad(set_to_none=True)
-        freeze = not first and self.batchnorm_update == "first_pass"
+        freeze = not first and self._setup.batchnorm_update == "first_pass"
         stats = frozen_running_stats(self._batchnorms) if freeze else contextlib.nullcontext()
         with torch.enable_grad(), stats:
             loss = closure()
         if self._batchnorms and not freeze:
             self._running_stats.count_pass()
             self._fresh_statistics = True
-        self.after_backward()
+        self._after_backward()
         return loss
 
-    def checked_gradients(self) -> CheckedGradients:
+    def _checked_gradients(self) -> CheckedGradients:
         """Gradients of the last pass and their global norm. A non-finite norm marks the outer
         step as failed; from then on the gradients (and so every later perturbation and base
         update of the outer step) are zeroed, so nothing downstream turns NaN and a loss scaler
-        sees only the overflow that happened. The result passes through the
-        :meth:`ascent_gradients` hook."""
-        params, grads, scaled = self.gradients()
+        sees only the overflow that happened. The result passes through
+        :meth:`_ascent_gradients`."""
+        params, grads, scaled = self._gradients()
         if not grads:
             raise RuntimeError(
                 "the closure produced no gradient: it must compute the loss and call backward()"
@@ -560,247 +827,178 @@ class Lookbehind(torch.optim.Optimizer):
         nonfinite.logical_or_(watched * 0 != 0)  # NaN or inf: two kernels where isfinite takes five
         zero_nonfinite_(grads, ~nonfinite)
         self._checked_norm = norm.masked_fill(nonfinite, 0.0)
-        return self.ascent_gradients(CheckedGradients(params, grads, scaled, self._checked_norm))
+        return self._ascent_gradients(CheckedGradients(params, grads, scaled, self._checked_norm))
 
-    def forget_checked_norm(self) -> None:
+    def _record_ascent_norm(self, checked: CheckedGradients) -> None:
+        """Keep ``||g||`` of the step's first ascent for :meth:`stats`."""
+        self._last_ascent_grad_norm = checked.norm
+
+    def _forget_checked_norm(self) -> None:
         """The gradients were replaced since the last check: the next base update measures
         them anew."""
         self._checked_norm = None
 
-    def ascend(self, checked: CheckedGradients) -> None:
-        """``P <- P + eps(g)`` (eq. 3 or 4). In same-batch mode a descent may have clipped ``g``
-        in place first; the direction is the same, and the norm is then recomputed so that the
-        step keeps its radius rho (clipping never touches the ascent)."""
+    def _ascend(self, checked: CheckedGradients) -> None:
+        """``P <- P + eps(g)`` (eq. 3 or 4) with each group's rho. In same-batch mode a descent
+        may have clipped ``g`` in place first; the direction is the same, and the norm is then
+        recomputed so that the step keeps its radius rho (clipping never touches the ascent)."""
+        rho = self._values.rho
+        if isinstance(rho, dict):
+            rho = [rho[id(p)] for p in checked.params]
         self._ascent.ascend_(
             checked.params,
             checked.grads,
-            rho=self.rho,
+            rho=rho,
             scaled=checked.scaled,
-            grad_norm=None if self.max_grad_norm is not None else checked.norm,
+            grad_norm=None if self._setup.max_grad_norm is not None else checked.norm,
         )
 
-    def base_update(self) -> None:
+    def _base_update(self) -> None:
         """Apply the base optimizer to the parameters with the current gradients (already
         zeroed by the check if the outer step saw a non-finite gradient), clipped to
         ``max_grad_norm``. This is the only place where descent happens."""
-        params, grads, _ = self.gradients()
+        params, grads, _ = self._gradients()
         if grads:
             # The norm of these gradients, unless they were replaced since the check (for FSDP2
             # shards, that of the whole gradients).
             checked = self._checked_norm
             norm = global_norm(grads) if checked is None else checked
-            if self.max_grad_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm, foreach=True)
-            self.last_descent_grad_norm = norm
-        self.cycle_changed()  # the base optimizer's state moves on
+            if self._setup.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(
+                    params, self._setup.max_grad_norm, norm, foreach=True
+                )
+            self._last_descent_grad_norm = norm
+        self._cycle_changed()  # the base optimizer's state moves on
         self.base_optimizer.step()
 
-    def swap(self, key: str) -> None:
+    def _swap(self, key: str) -> None:
         """Exchange the parameters' storage with the buffer ``key`` (see
         :func:`~hf_lookbehind.multi_tensor.swap_storage`); an exception later in the step swaps
         back."""
-        swap_storage(self.params, self.lookbehind_state, key)
+        swap_storage(self._params, self._lookbehind_state, key)
         self._transaction.swapped.append(key)
 
-    def hold_backup(self, target: str, source: str) -> None:
+    def _hold_backup(self, target: str, source: str) -> None:
         """Until the step ends, buffer ``source`` holds the values that ``target`` (a buffer
         key, or ``"params"``) had when the step began: an exception puts them back."""
         self._transaction.backups.append((target, source))
 
-    def cycle_changed(self) -> None:
+    def _cycle_changed(self) -> None:
         """Something the open cycle carries to the next step changed without a backup: an
         exception from now on discards the cycle instead of restoring it."""
         self._transaction.recoverable = False
 
-    def descend(self, *, record_first: bool = False) -> None:
+    def _descend(self, *, record_first: bool = False) -> None:
         """``F <- A(F, g)`` with ``F`` swapped into the parameters for the update;
         ``record_first`` keeps ``F_1`` for adaptive alpha."""
-        params = self.params
-        self.swap(FAST)
-        self.base_update()
+        params = self._params
+        self._swap(FAST)
+        self._base_update()
         if record_first:
-            copy_into_buffers(params, self.lookbehind_state, FIRST_FAST)
-        self.swap(FAST)
+            copy_into_buffers(params, self._lookbehind_state, FIRST_FAST)
+        self._swap(FAST)
 
-    def finish_outer_step(self, slow: list[torch.Tensor]) -> None:
-        """``S <- S + alpha (F_k - S)`` into ``slow`` (eq. 7-8 for adaptive alpha), gated by
-        the non-finite flag; then count a skip and reset the flag."""
-        fast = self.buffers(FAST)
-        keep = self.keep_factor(slow[0].dtype)
+    def _finish_outer_step(self, slow: list[torch.Tensor]) -> None:
+        """``S <- S + alpha (F_k - S)`` into ``slow`` (eq. 7-8 for adaptive alpha; each group's
+        alpha otherwise), gated by the non-finite flag; then count a skip and reset the flag."""
+        fast = self._buffers(FAST)
+        keep = self._keep_factor(slow[0].dtype)
         local_slow, local_fast = local_shards(slow), local_shards(fast)
-        if self.alpha == "adaptive":
-            first = self.buffers(FIRST_FAST)
+        if self._adaptive:
+            first = self._buffers(FIRST_FAST)
             torch._foreach_sub_(local_shards(first), local_slow)
             torch._foreach_sub_(local_fast, local_slow)
-            alpha = adaptive_alpha(first, fast, self.adaptive_scope)
+            scope = self._setup.adaptive_scope or DEFAULT_ADAPTIVE_SCOPE
+            alpha = adaptive_alpha(first, fast, scope)
         else:
-            alpha = keep.new_full((), float(self.alpha))
+            static = self._values.alpha
+            if isinstance(static, list):  # one value per group
+                alpha = torch.tensor(static, dtype=keep.dtype, device=keep.device)
+            else:
+                alpha = keep.new_full((), float(static))
             torch._foreach_sub_(local_fast, local_slow)
         # S + (keep alpha)(F - S); keep = 0 returns S exactly. One weight for the whole list
-        # is one multi-tensor kernel; one weight per tensor (adaptive, per_tensor) has no
-        # single-kernel form in torch (a list of 0-d weights runs tensor by tensor on CUDA).
+        # is one multi-tensor kernel; one weight per tensor (adaptive per_tensor, or alpha per
+        # group) has no single-kernel form in torch (a list of 0-d weights runs tensor by
+        # tensor on CUDA).
         weight = (alpha * keep).to(slow[0].dtype)
         if weight.dim() == 0:
             torch._foreach_mul_(local_fast, weight)
             torch._foreach_add_(local_slow, local_fast)
         else:
             torch._foreach_addcmul_(local_slow, local_fast, list(weight.unbind()))
-        self.param_groups[0][LAST_ALPHA] = alpha
-        self.close_cycle()
+        self._run["last_alpha"] = alpha
+        self._close_cycle()
 
-    def advance_cycle(self) -> None:
+    def _advance_cycle(self) -> None:
         """One inner step of a cycle done (switching and lookahead mode); wraps to 0 after k."""
-        run = self.param_groups[0]
-        run[CYCLE_POSITION] = (run[CYCLE_POSITION] + 1) % self.k
+        run = self._run
+        run["cycle_position"] = (run["cycle_position"] + 1) % self._setup.k
 
-    def close_cycle(self) -> None:
+    def _close_cycle(self) -> None:
         """End an outer step: count a skip if it saw a non-finite gradient (the flag is reset
         when the step returns, after the BatchNorm statistics were restored)."""
-        nonfinite, skipped = self.nonfinite_flag, self.param_groups[0][SKIPPED_STEPS]
-        skipped.add_(nonfinite.to(skipped.dtype))
-        self.param_groups[0][CYCLE_POSITION] = 0
+        run = self._run
+        run["skipped_steps"].add_(self._nonfinite_flag.to(run["skipped_steps"].dtype))
+        run["cycle_position"] = 0
 
-    def record_perturbation_distance(
+    def _record_perturbation_distance(
         self, perturbed: list[torch.Tensor], slow: list[torch.Tensor]
     ) -> None:
         """``||P_k - S||``, computed in place in ``perturbed`` (scratch afterwards)."""
         torch._foreach_sub_(local_shards(perturbed), local_shards(slow))
-        self.last_perturbation_distance = global_norm(perturbed)
+        self._last_perturbation_distance = global_norm(perturbed)
 
     # ------------------------------------------------------ mixed precision and processes
     @property
-    def per_device_ascent(self) -> bool:
+    def _per_device_ascent(self) -> bool:
         """``ascent_sync="per_device"`` with more than one process."""
-        return self.ascent_sync == "per_device" and world_size() > 1
+        return self._setup.ascent_sync == "per_device" and world_size() > 1
 
-    def after_backward(self) -> None:
+    def _after_backward(self) -> None:
         """After every pass, before the check: unscale fp16 gradients (and update the scale),
         and for per-device ascent keep this process's gradient and average them."""
-        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
-            self.grad_scaler.unscale_(self.base_optimizer)
-            self.grad_scaler.update()
-        if self.per_device_ascent:
-            params, grads, _ = self.gradients()
+        scaler = self._grad_scaler
+        if scaler is not None and scaler.is_enabled():
+            scaler.unscale_(self.base_optimizer)
+            scaler.update()
+        if self._per_device_ascent:
+            params, grads, _ = self._gradients()
             for p, grad in zip(params, grads, strict=True):
-                if LOCAL_GRAD not in self.lookbehind_state[p]:
-                    self.lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
-            copy_values_([self.lookbehind_state[p][LOCAL_GRAD] for p in params], grads)
+                if LOCAL_GRAD not in self._lookbehind_state[p]:
+                    self._lookbehind_state[p][LOCAL_GRAD] = torch.empty_like(grad)
+            copy_values_([self._lookbehind_state[p][LOCAL_GRAD] for p in params], grads)
             average_(grads)
 
-    def ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
+    def _ascent_gradients(self, checked: CheckedGradients) -> CheckedGradients:
         """The gradients the next ascent uses: the checked (averaged) ones, or with per-device
         ascent this process's own (zeroed too when the step failed anywhere)."""
-        if not self.per_device_ascent:
+        if not self._per_device_ascent:
             return checked
-        local = [self.lookbehind_state[p][LOCAL_GRAD] for p in checked.params]
-        zero_nonfinite_(local, ~self.nonfinite_flag)
+        local = [self._lookbehind_state[p][LOCAL_GRAD] for p in checked.params]
+        zero_nonfinite_(local, ~self._nonfinite_flag)
         return checked._replace(grads=local, norm=global_norm(local))
 
-    def synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
+    def _synchronize_gradient_sums(self, sums: list[torch.Tensor]) -> None:
         """m-SAM: with more than one process, average the k gradient sums over them, and skip
         the step everywhere if any process saw a non-finite value."""
         if world_size() > 1:
             average_(sums)
-            agree_on_flag_(self.nonfinite_flag)
+            agree_on_flag_(self._nonfinite_flag)
 
-    # ------------------------------------------------------------------------------- step
-    @torch.no_grad()
-    def step(  # type: ignore[override]
-        self, closure: Closure | Sequence[Closure] | None = None
-    ) -> torch.Tensor:
-        """One step on one minibatch; ``closure`` computes the loss on it and calls
-        ``backward()`` (the engine zeroes gradients itself). With ``micro_batch_ascent`` it may
-        be a sequence of closures, one per micro-batch. Returns the loss of the first pass, at
-        the weights the parameters held on entry."""
-        if closure is None:
-            raise ValueError(
-                "Lookbehind.step needs a closure that computes the loss on the minibatch and "
-                "calls backward(); it runs it once per forward/backward pass"
-            )
-        if self.micro_batch_ascent:
-            closures = [closure] if callable(closure) else list(closure)
-            return self._run_transaction(lambda: micro_batch_ascent(self, closures))
-        if not callable(closure):
-            raise TypeError(
-                "a sequence of closures (one per micro-batch) needs micro_batch_ascent=True"
-            )
-        schedule = schedule_for(self.method, self.minibatch_switching)
-        return self._run_transaction(lambda: schedule(self, closure))
 
-    def _run_transaction(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run one step's schedule so that every exit leaves the model at the slow weights: a
-        skipped step (non-finite value) restores the BatchNorm statistics too, and an exception
-        restores the parameters, statistics and run state (see :meth:`_roll_back`)."""
-        self._begin_step()
-        try:
-            loss = run()
-        except BaseException as error:
-            self._roll_back(error)
-            raise
-        self._end_step()
-        return loss
+GROUP_KEYS = {name: key for key, name in GROUP_SETTINGS.items()}
 
-    def _begin_step(self) -> None:
-        run = self.param_groups[0]
-        flag = run[CYCLE_NONFINITE]
-        # Between outer steps the flag is always reset; mid-cycle it carries the cycle's state.
-        held = None if flag is None or run[CYCLE_POSITION] == 0 else flag.clone()
-        self._transaction = _StepTransaction(
-            cycle_position=run[CYCLE_POSITION],
-            gradient_computations=run[GRADIENT_COMPUTATIONS],
-            nonfinite=held,
-        )
-        if self._batchnorms:
-            self._running_stats.save()
 
-    def _end_step(self) -> None:
-        flag = self.nonfinite_flag
-        if flag is None:
-            return
-        if self._batchnorms:
-            self._running_stats.restore(drop=flag)
-        if self.cycle_position == 0:
-            flag.zero_()
+@dataclass(frozen=True)
+class _GroupValues:
+    """The groups' hyper-parameters for one step: rho (one value, or one per parameter id),
+    the static alpha (one value, or one per parameter in ``_params`` order) and the adaptive
+    switch; ``None`` where the method reads none."""
 
-    def _roll_back(self, error: BaseException) -> None:
-        """After an exception inside a step: swap every buffer back, put back the values that
-        the step's backups hold, restore the BatchNorm statistics and the run state. If the
-        step had changed nothing that outlives it, the engine is as before the step; otherwise
-        (the base optimizer had updated, or a mid-cycle buffer had moved) the open outer step
-        is discarded as for a non-finite gradient: the slow weights are kept and
-        ``skipped_steps`` counts it."""
-        transaction, state, params = self._transaction, self.lookbehind_state, self.params
-        for key in reversed(transaction.swapped):
-            swap_storage(params, state, key)
-        for target, source in reversed(transaction.backups):
-            held = [p.data for p in params] if target == "params" else self.buffers(target)
-            copy_values_(held, self.buffers(source))
-        self._running_stats.restore()
-        self.base_optimizer.zero_grad(set_to_none=True)
-        run = self.param_groups[0]
-        run[GRADIENT_COMPUTATIONS] = transaction.gradient_computations
-        nonfinite, skipped = self._run_tensors(params[0].device)
-        if transaction.recoverable:
-            run[CYCLE_POSITION] = transaction.cycle_position
-            if transaction.nonfinite is None:
-                nonfinite.zero_()
-            else:
-                nonfinite.copy_(transaction.nonfinite)
-            outcome = "the optimizer's state is as before the step"
-        else:
-            run[CYCLE_POSITION] = 0
-            skipped.add_(1)
-            nonfinite.zero_()
-            outcome = (
-                "the open outer step was discarded as for a non-finite gradient (counted in "
-                "skipped_steps); the base optimizer keeps the updates it had made in it"
-            )
-        _logger.warning(
-            "Lookbehind step interrupted by %r: the model holds the slow weights; %s",
-            error,
-            outcome,
-        )
-        error.add_note(f"Lookbehind: the model holds the slow weights; {outcome}.")
+    rho: float | dict[int, float] | None = None
+    alpha: float | list[float] | None = None
+    adaptive: bool = False
 
 
 @dataclass
@@ -809,8 +1007,51 @@ class _StepTransaction:
     values from before the step, and the run state it began with."""
 
     cycle_position: int = 0
+    cycle_adaptive: bool = False
     gradient_computations: int = 0
     nonfinite: torch.Tensor | None = None
     swapped: list[str] = field(default_factory=list)
     backups: list[tuple[str, str]] = field(default_factory=list)
     recoverable: bool = True
+
+
+def upgraded_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with the run state where this version keeps it: checkpoints written before
+    it moved out of ``param_groups[0]`` (and recorded ``alpha="adaptive"``) are rewritten, the
+    others returned as they are."""
+    groups = state_dict["param_groups"]
+    if not groups or not any(key in groups[0] for key in _GROUP_ZERO_RUN_STATE):
+        return state_dict
+    first = dict(groups[0])
+    run = {name: first.pop(key) for key, name in _GROUP_ZERO_RUN_STATE.items() if key in first}
+    config = run.get("config")
+    if config is not None:
+        config = dict(config)
+        adaptive = config.pop("adaptive", False)
+        reads_alpha = config.get("method") in ALPHA_METHODS
+        config["adaptive_alpha"] = bool(adaptive) if reads_alpha else None
+        if config.get("alpha") == "adaptive":
+            config["alpha"] = DEFAULT_ALPHA
+        run["config"] = config
+    run["cycle_adaptive"] = bool(config and config["adaptive_alpha"])
+    return {
+        **state_dict,
+        "state": {**state_dict["state"], RUN_STATE: run},
+        "param_groups": [first, *groups[1:]],
+    }
+
+
+def saved_config(state_dict: dict[str, Any]) -> dict[str, Any] | None:
+    """The Lookbehind setup a state dict was written with (the engine's settings, the
+    perturbation described), or None for a base optimizer's own state dict."""
+    run = upgraded_state_dict(state_dict)["state"].get(RUN_STATE)
+    saved = None if run is None else run.get("config")
+    if saved is None:
+        return None
+    saved = applicable_settings(saved)  # older checkpoints recorded unread settings too
+    if saved.get("perturbation") in PERTURBATIONS:  # and named the perturbation only
+        eta = saved.pop("asam_eta", None)
+        saved["perturbation"] = describe_perturbation(saved["perturbation"], eta)
+    else:
+        saved.pop("asam_eta", None)
+    return saved

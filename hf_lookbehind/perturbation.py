@@ -58,18 +58,28 @@ class Perturbation:
         params: Sequence[torch.Tensor],
         grads: Sequence[torch.Tensor],
         *,
-        rho: float,
+        rho: float | Sequence[float],
         scaled: Sequence[bool],
         grad_norm: torch.Tensor | None = None,
     ) -> None:
-        """``w <- w + rho d / (norm + NORM_EPS)``; ``grads`` hold ``eps`` afterwards.
-        ``grad_norm`` is ``||g||`` when the caller has it (SAM uses it, others ignore it)."""
+        """``w <- w + rho d / (norm + NORM_EPS)``; ``grads`` hold ``eps`` afterwards. ``rho``
+        is one radius, or one per tensor (the parameter groups' ``lookbehind_rho``): each
+        tensor's step is then its own rho times its share of the direction, the norm still
+        that of all tensors. ``grad_norm`` is ``||g||`` when the caller has it (SAM uses it,
+        others ignore it)."""
         if not params:
             return
         norm = self._direction(params, grads, scaled, grad_norm)
-        scale = rho / (norm + NORM_EPS)
-        torch._foreach_mul_(local_shards(grads), scale)
-        torch._foreach_add_(local_shards(params), local_shards(grads))
+        local_grads = local_shards(grads)
+        if isinstance(rho, (int, float)):
+            torch._foreach_mul_(local_grads, rho / (norm + NORM_EPS))
+        else:
+            by_radius: dict[float, list[torch.Tensor]] = {}
+            for radius, grad in zip(rho, local_grads, strict=True):
+                by_radius.setdefault(float(radius), []).append(grad)
+            for radius, group in by_radius.items():  # one kernel per distinct radius
+                torch._foreach_mul_(group, radius / (norm + NORM_EPS))
+        torch._foreach_add_(local_shards(params), local_grads)
 
     def _direction(self, params, grads, scaled, grad_norm) -> torch.Tensor:
         return self.direction_(params, grads, scaled)

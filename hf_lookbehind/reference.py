@@ -18,7 +18,8 @@ Closure = Callable[[], torch.Tensor]
 
 class ReferenceLookbehind:
     """Same settings as :class:`hf_lookbehind.Lookbehind`; ``step`` takes one closure per inner
-    step (the same closure k times for same-batch mode).
+    step (the same closure k times for same-batch mode). Adaptive alpha (eq. 7-8) is
+    ``adaptive_alpha=True``.
 
     ``asam_scaled`` gives, per parameter of ``base_optimizer``, whether ASAM rescales it
     (default: all). BatchNorm statistics are updated by every pass, as in the public code.
@@ -30,7 +31,8 @@ class ReferenceLookbehind:
         *,
         method: str = "lookbehind",
         k: int = 2,
-        alpha: float | str = 0.5,
+        alpha: float = 0.5,
+        adaptive_alpha: bool = False,
         rho: float = 0.05,
         perturbation: str = "sam",
         asam_eta: float = 0.01,
@@ -40,6 +42,7 @@ class ReferenceLookbehind:
         self.optimizer = base_optimizer
         self.params = [p for g in base_optimizer.param_groups for p in g["params"]]
         self.method, self.k, self.alpha, self.rho = method, k, alpha, rho
+        self.adaptive = adaptive_alpha
         self.perturbation, self.eta, self.scope = perturbation, asam_eta, adaptive_scope
         self.scaled = list(asam_scaled) if asam_scaled is not None else [True] * len(self.params)
 
@@ -172,7 +175,7 @@ class ReferenceLookbehind:
 
     @torch.no_grad()
     def _interpolate(self, slow, fast, first_fast) -> None:
-        if self.alpha == "adaptive":
+        if self.adaptive:
             first = [(f1 - s).flatten() for f1, s in zip(first_fast, slow)]
             last = [(fk - s).flatten() for fk, s in zip(fast, slow)]
             if self.scope == "global":

@@ -9,6 +9,7 @@ perturbation), is refused, so that no value is silently ignored.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .alpha import ADAPTIVE_SCOPES
@@ -44,23 +45,26 @@ def refuse_schedule_free(optimizer: Any) -> None:
         raise ValueError(f"{type(base).__name__}: {SCHEDULE_FREE}")
 
 
+ADAPTIVE_SPELLING = (
+    "alpha='adaptive' (--lookbehind_alpha adaptive) is deprecated: pass adaptive_alpha=True "
+    "(--lookbehind_adaptive_alpha) and leave alpha for the static step size"
+)
+
+
 def parse_alpha(value: float | str | None) -> float | str | None:
-    """The one rule for alpha, in the engine and on the command line: ``None`` (not given),
-    ``"adaptive"`` in any letter case (eq. 7-8), or a number in (0, 1] (a number, or its text)."""
+    """The one rule for alpha, in the engine and on the command line: ``None`` (not given), a
+    number in (0, 1] (a number, or its text), or the deprecated spelling ``"adaptive"`` (any
+    letter case) of ``adaptive_alpha=True``, returned as ``"adaptive"``."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().lower() == "adaptive":
-        return "adaptive"
-    message = f"alpha must be a number in (0, 1] or 'adaptive', got {value!r}"
-    if isinstance(value, bool):
-        raise ValueError(message)
-    try:
-        alpha = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(message) from None
-    if not 0.0 < alpha <= 1.0:
-        raise ValueError(message)
-    return alpha
+    if isinstance(value, str):
+        if value.strip().lower() == "adaptive":
+            return "adaptive"
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"alpha must be a number in (0, 1], got {value!r}") from None
+    return check_alpha_value("alpha", value)
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -68,7 +72,7 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
 
 
-def _check_nonnegative(name: str, value: Any) -> float:
+def check_nonnegative(name: str, value: Any) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
@@ -85,18 +89,25 @@ def _refuse_unread(name: str, value: Any, default: Any, reason: str) -> None:
         raise ValueError(f"{name}={value!r} has no effect: {reason}; leave it unset")
 
 
+def check_alpha_value(name: str, value: Any) -> float:
+    """A static alpha: a number in (0, 1] (``name`` says where it came from)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def applicable_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with every entry that its method, perturbation and alpha do not read set to
     ``None``: what carries over when :meth:`Lookbehind.reconfigure` changes the method."""
     kept = dict(settings)
     method, perturbation = kept.get("method"), kept.get("perturbation", "sam")
     if method not in ALPHA_METHODS:
-        kept["alpha"] = None
+        kept["alpha"] = kept["adaptive_alpha"] = None
     if method == "lookahead" and perturbation == "none":
         kept["rho"] = None
     if perturbation != "asam":
         kept["asam_eta"] = None
-    if parse_alpha(kept.get("alpha")) != "adaptive":
+    if not kept.get("adaptive_alpha"):
         kept["adaptive_scope"] = None
     return kept
 
@@ -106,6 +117,7 @@ def validate_settings(
     method: str,
     k: int | None = None,
     alpha: float | str | None = None,
+    adaptive_alpha: bool | None = None,
     rho: float | None = None,
     perturbation: str | Perturbation = "sam",
     asam_eta: float | None = None,
@@ -119,8 +131,9 @@ def validate_settings(
     """Check a Lookbehind setup; raise ``ValueError`` saying what is wrong and what is allowed.
 
     Returns every setting with its default filled in where the method reads it (k: 2, or 1 for
-    sam; alpha 0.5; rho 0.05; asam_eta 0.01; adaptive_scope per_tensor) and ``None`` where it
-    does not."""
+    sam; alpha 0.5 and adaptive_alpha False; rho 0.05; asam_eta 0.01; adaptive_scope
+    per_tensor) and ``None`` where it does not. ``alpha="adaptive"`` is the deprecated
+    spelling of ``adaptive_alpha=True`` (a ``FutureWarning``)."""
     _check_choice("method", method, METHODS)
     if k is None:
         k = 1 if method == "sam" else 2
@@ -131,22 +144,32 @@ def validate_settings(
 
     # Every given value is checked first, whatever the method; then whether the method reads it.
     alpha = parse_alpha(alpha)
+    if alpha == "adaptive":
+        warnings.warn(ADAPTIVE_SPELLING, FutureWarning, stacklevel=3)
+        if adaptive_alpha is False:
+            raise ValueError("alpha='adaptive' contradicts adaptive_alpha=False; give one of them")
+        alpha, adaptive_alpha = None, True
+    if adaptive_alpha is not None and not isinstance(adaptive_alpha, bool):
+        raise ValueError(f"adaptive_alpha must be True or False, got {adaptive_alpha!r}")
     if not isinstance(perturbation, Perturbation):
         _check_choice("perturbation", perturbation, PERTURBATIONS)
     if rho is not None:
-        rho = _check_nonnegative("rho", rho)
+        rho = check_nonnegative("rho", rho)
     if asam_eta is not None:
-        asam_eta = _check_nonnegative("asam_eta", asam_eta)
+        asam_eta = check_nonnegative("asam_eta", asam_eta)
     if adaptive_scope is not None:
         _check_choice("adaptive_scope", adaptive_scope, ADAPTIVE_SCOPES)
 
+    if adaptive_alpha and method != "lookbehind":
+        raise ValueError(f"adaptive alpha is defined for method='lookbehind', not {method!r}")
     if method in ALPHA_METHODS:
+        if adaptive_alpha:
+            _refuse_unread("alpha", alpha, DEFAULT_ALPHA, "adaptive alpha (eq. 7-8) replaces it")
         alpha = DEFAULT_ALPHA if alpha is None else alpha
+        adaptive_alpha = bool(adaptive_alpha)
     else:
         _refuse_unread("alpha", alpha, DEFAULT_ALPHA, f"method={method!r} has no slow-weight step")
-        alpha = None
-    if alpha == "adaptive" and method != "lookbehind":
-        raise ValueError(f"alpha='adaptive' is defined for method='lookbehind', not {method!r}")
+        alpha = adaptive_alpha = None
     if perturbation == "none" and method != "lookahead":
         raise ValueError(f"perturbation='none' is for method='lookahead', not {method!r}")
     if perturbation == "none":
@@ -161,11 +184,11 @@ def validate_settings(
             "asam_eta", asam_eta, DEFAULT_ASAM_ETA, f"perturbation={perturbation!r} is not ASAM"
         )
         asam_eta = None
-    if alpha == "adaptive":
+    if adaptive_alpha:
         adaptive_scope = DEFAULT_ADAPTIVE_SCOPE if adaptive_scope is None else adaptive_scope
     else:
         _refuse_unread(
-            "adaptive_scope", adaptive_scope, DEFAULT_ADAPTIVE_SCOPE, "alpha is not 'adaptive'"
+            "adaptive_scope", adaptive_scope, DEFAULT_ADAPTIVE_SCOPE, "alpha is not adaptive"
         )
         adaptive_scope = None
 
@@ -193,13 +216,14 @@ def validate_settings(
             "micro_batch_ascent perturbs every micro-batch with its own gradient already",
         )
     if max_grad_norm is not None:
-        max_grad_norm = _check_nonnegative("max_grad_norm", max_grad_norm)
+        max_grad_norm = check_nonnegative("max_grad_norm", max_grad_norm)
         if max_grad_norm == 0:
             raise ValueError("max_grad_norm must be > 0, or None for no clipping")
     return {
         "method": method,
         "k": k,
         "alpha": alpha,
+        "adaptive_alpha": adaptive_alpha,
         "rho": rho,
         "perturbation": perturbation,
         "asam_eta": asam_eta,

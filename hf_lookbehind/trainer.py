@@ -51,7 +51,7 @@ from .checkpoints import (
     without_lookbehind_entries,
 )
 from .method_window import MethodWindow
-from .optimizer import CONFIG, Lookbehind
+from .optimizer import RUN_STATE, Lookbehind, saved_config
 from .settings import refuse_schedule_free, validate_settings
 from .trainer_passes import (
     Closure,
@@ -80,13 +80,53 @@ class _TrainerLookbehind(Lookbehind):
     def __init__(
         self, *args: Any, method_window: MethodWindow | None = None, **kwargs: Any
     ) -> None:
+        self._per_parameter_state_dict = False
         super().__init__(*args, **kwargs)
         self.method_window = method_window
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        if not self._per_parameter_state_dict:
+            return state_dict
+        state = {key: value for key, value in state_dict["state"].items() if key != RUN_STATE}
+        return {**state_dict, "state": state}
+
+    @contextlib.contextmanager
+    def per_parameter_state_dict(self):
+        """Within it, ``state_dict()`` leaves out the run state (``state["lookbehind_run"]``),
+        the one entry of the state that belongs to no parameter, for
+        ``torch.distributed.checkpoint`` (the Trainer's FSDP save), which maps every entry to
+        a parameter."""
+        self._per_parameter_state_dict = True
+        try:
+            yield
+        finally:
+            self._per_parameter_state_dict = False
 
     def step(self, closure=None):  # type: ignore[override]
         if closure is None:  # the Trainer's optimizer.step(): the work is done already
             return None
         return super().step(closure)
+
+    @property
+    def k(self) -> int:
+        return self._setup.k
+
+    @property
+    def last_descent_grad_norm(self) -> torch.Tensor | None:
+        """``||g||`` of the last descent (a device tensor): the Trainer's ``grad_norm``."""
+        return self._last_descent_grad_norm
+
+    def drive_grad_scaler(self, scaler: torch.amp.GradScaler) -> None:
+        """Unscale every pass and update the scale with ``scaler`` (the engine's
+        ``grad_scaler``), taken over from accelerate's optimizer wrapper."""
+        self._grad_scaler = scaler
+
+    def run_pass_closures(self, closures) -> torch.Tensor:
+        """One Trainer step: one closure, or for m-SAM one closure per micro-batch."""
+        if self._setup.micro_batch_ascent:
+            return self.step_micro_batches(closures)
+        return self.step(closures)
 
     def follow_method_window(self, epoch: float) -> None:
         """Switch to the phase of ``epoch`` (Sec. 5.4); in switching and lookahead mode only
@@ -94,13 +134,13 @@ class _TrainerLookbehind(Lookbehind):
         if self.method_window is None or self.cycle_position != 0:
             return
         phase = self.method_window.settings_at(epoch)
-        if any(getattr(self, key) != value for key, value in phase.items()):
+        if any(self.settings[key] != value for key, value in phase.items()):
             self.reconfigure(**phase)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """With a method window, a checkpoint may come from either phase: take its setup first,
         so that its mid-cycle buffers resume exactly."""
-        saved = state_dict["param_groups"][0].get(CONFIG)
+        saved = saved_config(state_dict)
         if self.method_window is not None and saved is not None:
             phase = self.method_window.phase_of(saved)
             if phase is not None:
@@ -294,7 +334,7 @@ class LookbehindMixin:
         accelerate-wrapped optimizer's own scaler step is switched off."""
         scaler = getattr(self.optimizer, "scaler", None)
         if scaler is not None:
-            engine.grad_scaler = scaler
+            engine.drive_grad_scaler(scaler)
             self.optimizer.scaler = None
 
     def training_step(
@@ -323,7 +363,7 @@ class LookbehindMixin:
         )
         closures = self._pass_closures(model, engine, passes, window, prepared, num_items_in_batch)
         with passes.frozen.installed(), reference.taken_from_batch():
-            loss = engine.step(closures)
+            loss = engine.run_pass_closures(closures)
         self._count_extra_passes(passes)
         return loss.detach()
 
@@ -331,7 +371,7 @@ class LookbehindMixin:
         """The closure that runs one pass over the whole window, or for m-SAM one closure per
         micro-batch (no all-reduce); ``window`` holds the micro-batches as the Trainer fetched
         them (counted for the FLOs), ``prepared`` as every pass gets them."""
-        if engine.micro_batch_ascent:
+        if engine.settings["micro_batch_ascent"]:
             return [
                 passes.closure(self._micro_batch_pass(model, batch, num_items), [fetched])
                 for batch, fetched in zip(prepared, window)
@@ -342,7 +382,7 @@ class LookbehindMixin:
         def closure() -> torch.Tensor:
             total = torch.zeros((), device=self.args.device)
             for index, micro_batch in enumerate(window):
-                all_reduce = index == len(window) - 1 and not engine.per_device_ascent
+                all_reduce = index == len(window) - 1 and not engine._per_device_ascent
                 sync = contextlib.nullcontext() if all_reduce else self.accelerator.no_sync(model)
                 with sync:
                     total = total + super(LookbehindMixin, self).training_step(
@@ -521,7 +561,7 @@ class LookbehindMixin:
                     path,
                     ", ".join(dropped),
                 )
-        elif state_dict["param_groups"][0].get(CONFIG) is None:
+        elif saved_config(state_dict) is None:
             logger.warning(
                 "%s was written without the Lookbehind engine: the engine starts its first "
                 "cycle here, with the base optimizer's state",
@@ -542,7 +582,7 @@ class LookbehindMixin:
         resumes with the optimizer state; one per step for the base optimizer alone."""
         engine = self.lookbehind
         if engine is not None:
-            return engine.gradient_computations
+            return engine.stats().gradient_computations
         return 0 if self.uses_lookbehind else self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -563,9 +603,14 @@ class LookbehindMixin:
         return prepared
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        super()._save_optimizer_and_scheduler(output_dir)
-        if self.saves_optimizer_shards:
-            torch.save(self.lookbehind.state_dict(), self._optimizer_file(output_dir))
+        if not self.saves_optimizer_shards:
+            super()._save_optimizer_and_scheduler(output_dir)
+            return
+        # The Trainer's FSDP save goes through torch.distributed.checkpoint, which takes only
+        # per-parameter entries; the engine's own shard file holds everything.
+        with self.lookbehind.per_parameter_state_dict():
+            super()._save_optimizer_and_scheduler(output_dir)
+        torch.save(self.lookbehind.state_dict(), self._optimizer_file(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Where the Trainer would skip a missing optimizer or scheduler file (and with it the

@@ -5,6 +5,8 @@ Trainer subclass and its own config class) and ``LookbehindTrainingArguments``
 from __future__ import annotations
 
 import logging
+import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +18,7 @@ from .batchnorm import BATCHNORM_UPDATES
 from .method_window import PHASE_KEYS, MethodWindow
 from .perturbation import PERTURBATIONS
 from .settings import (
+    ADAPTIVE_SPELLING,
     DEFAULT_ADAPTIVE_SCOPE,
     DEFAULT_ALPHA,
     DEFAULT_ASAM_ETA,
@@ -44,11 +47,12 @@ GIVEN_FLAGS = {
     "lookbehind_alpha": ("alpha", {"method": "lookbehind"}),
     "rho": ("rho", {"method": "lookbehind"}),
     "asam_eta": ("asam_eta", {"method": "lookbehind", "perturbation": "asam"}),
-    "adaptive_alpha_scope": ("adaptive_scope", {"method": "lookbehind", "alpha": "adaptive"}),
+    "adaptive_alpha_scope": ("adaptive_scope", {"method": "lookbehind", "adaptive_alpha": True}),
     "batchnorm_update": ("batchnorm_update", {"method": "lookbehind"}),
 }
 # The other Lookbehind flags, with the default that changes nothing without the engine.
 ENGINE_FLAG_DEFAULTS = {
+    "lookbehind_adaptive_alpha": False,
     "perturbation": "sam",
     "minibatch_switching": False,
     "asam_weights_only": True,
@@ -83,6 +87,17 @@ def check_base_optimizer_name(optim: str, lookbehind_method: str) -> None:
     name = OptimizerNames(optim).value
     if lookbehind_method != "none" and name.startswith("schedule_free"):
         raise ValueError(f"--optim {name}: {SCHEDULE_FREE}")
+
+
+class AlphaFlag(float):
+    """The type of ``--lookbehind_alpha``: a number (checked to lie in (0, 1] with the other
+    flags), or the deprecated spelling ``adaptive``, kept as NaN until :class:`LookbehindConfig`
+    turns it into ``--lookbehind_adaptive_alpha``."""
+
+    def __new__(cls, value: Any) -> AlphaFlag:
+        if isinstance(value, str) and value.strip().lower() == "adaptive":
+            value = "nan"
+        return super().__new__(cls, value)
 
 
 @dataclass
@@ -132,11 +147,19 @@ class LookbehindConfig:
             "help": "Inner steps per outer step (ascent steps for multistep); default 2, 1 for sam."
         },
     )
-    lookbehind_alpha: str | None = field(
+    lookbehind_alpha: AlphaFlag | None = field(
         default=None,
         metadata={
-            "help": "Slow-weight step size in (0, 1], or 'adaptive' (eq. 7-8; lookbehind only); "
-            f"lookbehind and lookahead only, default {DEFAULT_ALPHA}."
+            "help": "Slow-weight step size in (0, 1]; lookbehind and lookahead only, default "
+            f"{DEFAULT_ALPHA}. ('adaptive' is the deprecated spelling of "
+            "--lookbehind_adaptive_alpha.)"
+        },
+    )
+    lookbehind_adaptive_alpha: bool = field(
+        default=False,
+        metadata={
+            "help": "Adaptive alpha (eq. 7-8) at every slow-weight update instead of "
+            "--lookbehind_alpha; lookbehind only."
         },
     )
     adaptive_alpha_scope: str | None = field(
@@ -218,11 +241,25 @@ class LookbehindConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        self._take_deprecated_alpha_spelling()
         if self.lookbehind_method == "none":
             self._refuse_lookbehind_flags()
         else:
             self._check_flags_against(validate_settings(**self.lookbehind_kwargs()))
         self.method_window()
+
+    def _take_deprecated_alpha_spelling(self) -> None:
+        """``--lookbehind_alpha adaptive`` (or ``lookbehind_alpha="adaptive"``) becomes
+        ``--lookbehind_adaptive_alpha``, with a ``FutureWarning``; a number becomes a float."""
+        value = self.lookbehind_alpha
+        if isinstance(value, float) and math.isnan(value):
+            value = "adaptive"
+        value = parse_alpha(value)
+        if value == "adaptive":
+            warnings.warn(ADAPTIVE_SPELLING, FutureWarning, stacklevel=4)
+            self.lookbehind_alpha, self.lookbehind_adaptive_alpha = None, True
+        else:
+            self.lookbehind_alpha = value
 
     def _refuse_lookbehind_flags(self) -> None:
         """``--lookbehind_method none``: every Lookbehind flag given is checked as the engine
@@ -266,13 +303,13 @@ class LookbehindConfig:
         for name, (setting, _) in GIVEN_FLAGS.items():
             if getattr(self, name) is not None and settings[setting] is None:
                 logger.warning(
-                    "--%s %s has no effect with --lookbehind_method %s (perturbation %s, alpha "
-                    "%s); leave it unset",
+                    "--%s %s has no effect with --lookbehind_method %s (perturbation %s, "
+                    "adaptive alpha %s); leave it unset",
                     name,
                     getattr(self, name),
                     settings["method"],
                     settings["perturbation"],
-                    settings["alpha"],
+                    settings["adaptive_alpha"],
                 )
 
     @property
@@ -318,7 +355,8 @@ class LookbehindConfig:
         return {
             "method": self.lookbehind_method,
             "k": self.lookbehind_k,
-            "alpha": parse_alpha(self.lookbehind_alpha),
+            "alpha": self.lookbehind_alpha,
+            "adaptive_alpha": self.lookbehind_adaptive_alpha or None,
             "rho": self.rho,
             "perturbation": self.perturbation,
             "asam_eta": self.asam_eta,

@@ -50,7 +50,7 @@ MIB = 2**20
 METHODS = {
     "sam": (dict(method="sam"), 2, 1),
     "lookbehind k=2": (dict(k=2, alpha=0.5), 3, 2),
-    "lookbehind k=2 adaptive": (dict(k=2, alpha="adaptive"), 3, 2),
+    "lookbehind k=2 adaptive": (dict(k=2, adaptive_alpha=True), 3, 2),
     "lookbehind k=5": (dict(k=5, alpha=0.5), 6, 5),
     "lookbehind switching k=2": (dict(k=2, alpha=0.5, minibatch_switching=True), 2, 1),
 }
@@ -81,7 +81,8 @@ def persistent_mib(model: nn.Module, engine: Lookbehind) -> dict[str, float]:
         "grads": sum(local_bytes(p.grad) for p in params if p.grad is not None) / MIB,
         "base state": sum(
             local_bytes(v)
-            for state in engine.base_optimizer.state.values()
+            for key, state in engine.base_optimizer.state.items()
+            if isinstance(key, torch.Tensor)  # not the engine's run state
             for v in state.values()
             if isinstance(v, torch.Tensor) and v.dim() > 0
         )

@@ -263,10 +263,11 @@ def calls_per_outer_step(settings: dict) -> int:
 
 
 def _case(name: str, method: str, micro_batches: int = 1, **settings) -> Case:
-    """A row; rho is that of every perturbing row, alpha the static one unless given."""
+    """A row; rho is that of every perturbing row, alpha the static one unless given (or
+    adaptive)."""
     if settings.get("perturbation") != "none":
         settings["rho"] = RHO
-    if method in ("lookbehind", "lookahead"):
+    if method in ("lookbehind", "lookahead") and not settings.get("adaptive_alpha"):
         settings.setdefault("alpha", STATIC_ALPHA)
     return Case(name, {"method": method, **settings}, micro_batches)
 
@@ -283,12 +284,15 @@ def benchmark_cases(ks: Sequence[int] = (2, 5)) -> list[Case]:
     ]
     for k in ks:
         lookbehind = f"lookbehind k={k}"
-        for alpha, suffix in ((STATIC_ALPHA, ""), ("adaptive", " adaptive")):
+        for alpha, suffix in (
+            (dict(alpha=STATIC_ALPHA), ""),
+            (dict(adaptive_alpha=True), " adaptive"),
+        ):
             cases += [
-                _case(f"{lookbehind}{suffix}", "lookbehind", k=k, alpha=alpha),
-                _case(f"{lookbehind} switching{suffix}", "lookbehind", k=k, alpha=alpha,
+                _case(f"{lookbehind}{suffix}", "lookbehind", k=k, **alpha),
+                _case(f"{lookbehind} switching{suffix}", "lookbehind", k=k, **alpha,
                       minibatch_switching=True),
-                _case(f"{lookbehind} m-SAM{suffix}", "lookbehind", k=k, alpha=alpha, **m_sam),
+                _case(f"{lookbehind} m-SAM{suffix}", "lookbehind", k=k, **alpha, **m_sam),
             ]  # fmt: skip
         cases += [
             _case(f"{lookbehind} asam", "lookbehind", k=k, perturbation="asam"),
@@ -299,9 +303,9 @@ def benchmark_cases(ks: Sequence[int] = (2, 5)) -> list[Case]:
         ]
         if k == ks[0]:
             cases += [
-                _case(f"{lookbehind} adaptive global", "lookbehind", k=k, alpha="adaptive",
+                _case(f"{lookbehind} adaptive global", "lookbehind", k=k, adaptive_alpha=True,
                       adaptive_scope="global"),
-                _case(f"{lookbehind} asam adaptive", "lookbehind", k=k, alpha="adaptive",
+                _case(f"{lookbehind} asam adaptive", "lookbehind", k=k, adaptive_alpha=True,
                       perturbation="asam"),
                 _case(f"{lookbehind} switching asam", "lookbehind", k=k, perturbation="asam",
                       minibatch_switching=True),
@@ -392,11 +396,14 @@ def count_case(case: Case, workload: Workload, warmup: int) -> Count:
     engine = Lookbehind(sgd(model.parameters()), model=model, **case.settings)
     counter = OpCounter()
     closures = [counter.excluding(c) for c in workload.closures(case.micro_batches)]
-    argument = closures if engine.micro_batch_ascent else closures[0]
+    micro_batches = engine.settings["micro_batch_ascent"]
 
     def outer_step() -> None:
         for _ in range(case.calls):
-            engine.step(argument)
+            if micro_batches:
+                engine.step_micro_batches(closures)
+            else:
+                engine.step(closures[0])
 
     cuda = workload.inputs.device.type == "cuda"
     return count_outer_step(outer_step, counter, warmup=warmup, cuda=cuda)

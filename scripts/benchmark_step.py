@@ -279,15 +279,17 @@ def outer_step(
     if case.method == "sam":
         engine = Lookbehind(base, method="sam", rho=RHO, model=model)
     else:
+        adaptive = case.method == "lookbehind_adaptive"
         engine = Lookbehind(
             base,
             k=case.k,
-            alpha="adaptive" if case.method == "lookbehind_adaptive" else STATIC_ALPHA,
+            alpha=None if adaptive else STATIC_ALPHA,
+            adaptive_alpha=adaptive,
             rho=RHO,
             minibatch_switching=case.method == "lookbehind_switching",
             model=model,
         )
-    calls = case.k if engine.minibatch_switching else 1
+    calls = case.k if engine.settings["minibatch_switching"] else 1
 
     def run() -> None:
         for _ in range(calls):
@@ -369,7 +371,7 @@ def trainer_row(
             per_device_train_batch_size=len(batch[1]),
             max_steps=warmup + repeats + 1,
             lookbehind_k=k,
-            lookbehind_alpha=str(STATIC_ALPHA),
+            lookbehind_alpha=STATIC_ALPHA,
             rho=RHO,
             max_grad_norm=0.0,  # the engine row does not clip either
             lr_scheduler_type="constant",

@@ -1,10 +1,10 @@
 """Fine-tune a timm ViT-B/16 on ImageNet-1k with Lookbehind-SAM/ASAM or any baseline.
 
 Defaults follow the paper's ImageNet fine-tuning (Mordido et al., ICML 2024, Sec. 4.2 and 6.2):
-15 epochs of SGD with minibatch switching, k = 2, alpha = 0.8 (or ``--lookbehind_alpha
-adaptive``), rho from {0.1, 0.2, 0.5}. Images go through the model's own preprocessing
-(timm ``resolve_data_config`` / ``create_transform``); top-1 and top-5 accuracy of the slow
-weights are reported.
+15 epochs of SGD with minibatch switching, k = 2, alpha = 0.8 (or
+``--lookbehind_adaptive_alpha``), rho from {0.1, 0.2, 0.5}. Images go through the model's own
+preprocessing (timm ``resolve_data_config`` / ``create_transform``); top-1 and top-5 accuracy
+of the slow weights are reported.
 
     accelerate launch examples/image_classification/run_image_classification.py \\
         --dataset_name ILSVRC/imagenet-1k --rho 0.1 --output_dir out/vit_lb --do_train --do_eval
@@ -44,6 +44,7 @@ from transformers import (
     HfArgumentParser,
     set_seed,
 )
+from transformers.hf_argparser import string_to_bool
 
 from hf_lookbehind import LookbehindTrainingArguments
 from hf_lookbehind_recipes.classifier import ImageClassifier
@@ -78,7 +79,7 @@ PAPER_DEFAULTS = {
     "per_device_eval_batch_size": 128,
     "lookbehind_method": "lookbehind",
     "minibatch_switching": True,
-    "lookbehind_alpha": "0.8",
+    "lookbehind_alpha": 0.8,
     "rho": 0.1,
     "eval_strategy": "epoch",
     "save_strategy": "epoch",
@@ -115,7 +116,7 @@ RESNET18_SCRATCH_DEFAULTS = {
     "per_device_train_batch_size": 256,
     "per_device_eval_batch_size": 256,
     "minibatch_switching": False,
-    "lookbehind_alpha": "0.5",
+    "lookbehind_alpha": 0.5,
     "rho": 0.05,
 }
 
@@ -247,14 +248,20 @@ class ImageNetDataArguments(DataArguments):
 
 def recipe_defaults(argv: Sequence[str] | None) -> dict[str, Any]:
     """The defaults of the ``--recipe`` named on the command line (``vit_finetune`` if none),
-    without those that the ``--lookbehind_method`` it names does not read (the Trainer refuses
-    a setting that would have no effect)."""
+    without those that the ``--lookbehind_method`` it names does not read, nor the static
+    alpha with ``--lookbehind_adaptive_alpha`` (the Trainer refuses a setting that would have
+    no effect)."""
     reader = argparse.ArgumentParser(add_help=False)
     reader.add_argument("--recipe", choices=list(RECIPES), default="vit_finetune")
     reader.add_argument("--lookbehind_method")
+    reader.add_argument(
+        "--lookbehind_adaptive_alpha", nargs="?", const=True, default=False, type=string_to_bool
+    )
     named = reader.parse_known_args(argv)[0]
     defaults = RECIPES[named.recipe]
-    unread = unread_flags(named.lookbehind_method or defaults["lookbehind_method"])
+    unread = unread_flags(
+        named.lookbehind_method or defaults["lookbehind_method"], named.lookbehind_adaptive_alpha
+    )
     return {name: value for name, value in defaults.items() if name not in unread}
 
 

@@ -45,7 +45,11 @@ METHODS = {
     "sgd": {"lookbehind_method": "none"},
     "sam": {"lookbehind_method": "sam"},
     "lookbehind": {"lookbehind_method": "lookbehind"},
-    "lookbehind_adaptive": {"lookbehind_method": "lookbehind", "lookbehind_alpha": "adaptive"},
+    "lookbehind_adaptive": {
+        "lookbehind_method": "lookbehind",
+        "lookbehind_alpha": None,
+        "lookbehind_adaptive_alpha": True,
+    },
 }
 
 
@@ -118,7 +122,7 @@ def noisy_labels(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 def method_arguments(args: LookbehindTrainingArguments, method: str) -> LookbehindTrainingArguments:
     """The command line's arguments with ``method``'s flags; each run leaves unset the flags its
-    method does not read, so e.g. ``--lookbehind_alpha adaptive`` reaches Lookbehind alone and
+    method does not read, so e.g. ``--lookbehind_adaptive_alpha`` reaches Lookbehind alone and
     ``--rho`` the SAM and Lookbehind runs."""
     flags = METHODS[method]
     defaults = {f.name: f.default for f in dataclasses.fields(LookbehindTrainingArguments)}
@@ -132,8 +136,11 @@ def method_label(method: str, args: LookbehindTrainingArguments) -> str:
         return args.optim.split("_")[0].upper()
     if method == "sam":
         return perturbation
-    alpha = args.lookbehind_alpha or DEFAULT_ALPHA
-    alpha = "adaptive α" if alpha == "adaptive" else f"α={alpha}"
+    alpha = (
+        "adaptive α"
+        if args.lookbehind_adaptive_alpha
+        else f"α={args.lookbehind_alpha or DEFAULT_ALPHA}"
+    )
     return f"Lookbehind-{perturbation} ({alpha})"
 
 
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
         run_args = method_arguments(args, method)
         label = method_label(method, run_args)
         if label in results:
-            continue  # e.g. --lookbehind_alpha adaptive makes both Lookbehind rows one
+            continue  # e.g. --lookbehind_adaptive_alpha makes both Lookbehind rows one
         results[label] = []
         for seed in range(args.seed, args.seed + benchmark.seeds):
             seed_args = dataclasses.replace(run_args, seed=seed)

@@ -162,7 +162,7 @@ def test_curves_and_tradeoff_command_lines(tmp_path):
 
 def test_curves_of_a_lookbehind_trainer_run(tmp_path):
     """End to end: the keys LookbehindTrainer logs reach the curves."""
-    trainer = make_trainer(tmp_path, lookbehind_alpha="adaptive", max_steps=4)
+    trainer = make_trainer(tmp_path, lookbehind_adaptive_alpha=True, max_steps=4)
     trainer.train()
     trainer.save_state()
     curves = training_curves(load_log_history(tmp_path))

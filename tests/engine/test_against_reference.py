@@ -11,7 +11,7 @@ from helpers.models import (
     make_model,
     max_param_difference,
 )
-from helpers.reference import engine_and_reference
+from helpers.reference import alpha_settings, engine_and_reference
 
 from hf_lookbehind import Lookbehind
 from hf_lookbehind.reference import ReferenceLookbehind
@@ -40,7 +40,7 @@ def run_outer_steps(engine, model, reference, reference_model, k, *, same_batch)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, alpha, scope, k):
     model = make_model()
-    kwargs = dict(k=k, alpha=alpha, rho=0.2, asam_eta=0.01, adaptive_scope=scope)
+    kwargs = dict(k=k, **alpha_settings(alpha), rho=0.2, asam_eta=0.01, adaptive_scope=scope)
     engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, kwargs, kwargs
     )
@@ -55,7 +55,7 @@ def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, a
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_minibatch_switching_matches_reference(optimizer_name, perturbation, alpha, k):
     model = make_model()
-    kwargs = dict(k=k, alpha=alpha, rho=0.2)
+    kwargs = dict(k=k, **alpha_settings(alpha), rho=0.2)
     engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, {**kwargs, "minibatch_switching": True}, kwargs
     )
@@ -126,4 +126,4 @@ def test_max_grad_norm_clips_every_descent_update(minibatch_switching):
         engine, model, reference, reference_model, k, same_batch=not minibatch_switching
     )
     assert max_param_difference(model, reference_model) < TOLERANCE
-    assert float(engine.last_descent_grad_norm) > max_norm  # clipping was active
+    assert engine.stats().descent_grad_norm > max_norm  # clipping was active

@@ -31,7 +31,7 @@ def one_process_m_sam(parts: int) -> list[torch.Tensor]:
     )
     size = BATCH // parts
     for x, y in batches():
-        engine.step(
+        engine.step_micro_batches(
             [
                 closure_for(
                     model, x[i * size : (i + 1) * size], y[i * size : (i + 1) * size], 1 / parts
@@ -99,6 +99,6 @@ def test_an_overflow_in_a_plain_amp_loop_skips_the_step_and_backs_off():
     weights, engine = amp_loop(scaler, bad_step=1)
     for before, after in zip(weights[0], weights[1], strict=True):
         assert torch.equal(before, after)  # the slow weights stay where step 0 left them
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     assert scaler.get_scale() < 2.0**10
     assert all(torch.isfinite(p).all() for p in weights[-1])

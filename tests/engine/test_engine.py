@@ -89,7 +89,7 @@ def test_lookahead_alpha1_equals_inner_optimizer(optimizer_name):
     "kwargs,passes",
     [
         (dict(k=2), 3),
-        (dict(k=5, alpha="adaptive"), 6),
+        (dict(k=5, adaptive_alpha=True), 6),
         (dict(k=3, minibatch_switching=True), 2),
         (dict(method="sam"), 2),
         (dict(method="multistep", k=3), 4),
@@ -111,8 +111,8 @@ def test_forward_backward_passes_per_step(kwargs, passes):
     [
         (dict(k=5), 2),
         (dict(k=5, minibatch_switching=True), 2),
-        (dict(k=5, alpha="adaptive"), 3),
-        (dict(k=5, alpha="adaptive", minibatch_switching=True), 3),
+        (dict(k=5, adaptive_alpha=True), 3),
+        (dict(k=5, adaptive_alpha=True, minibatch_switching=True), 3),
         (dict(method="sam"), 1),
         (dict(method="multistep", k=3), 1),
         (dict(method="multistep_avg", k=3), 2),
@@ -126,11 +126,11 @@ def test_persistent_buffers_in_parameter_copies(kwargs, buffers):
     model = make_model()
     engine = run(model, calls=7, **kwargs)
     trainable = [p for p in model.parameters() if p.grad is not None]
-    counts = {len(engine.lookbehind_state[p]) for p in trainable}
+    counts = {len(engine._lookbehind_state[p]) for p in trainable}
     assert counts == {buffers}
-    pointers = {id(t) for p in trainable for t in engine.lookbehind_state[p].values()}
+    pointers = {id(t) for p in trainable for t in engine._lookbehind_state[p].values()}
     engine.step(closure_for(model, make_batches(1, seed=9)[0]))
-    assert len({id(t) for p in trainable for t in engine.lookbehind_state[p].values()}) == len(
+    assert len({id(t) for p in trainable for t in engine._lookbehind_state[p].values()}) == len(
         pointers
     )
 
@@ -139,7 +139,7 @@ def test_step_never_reads_a_tensor_on_the_host(monkeypatch):
     """No .item(), bool(), float() or .tolist() on a tensor, and no tensor built from host
     values, inside a step: on a GPU each would be a host-device synchronisation."""
     model = make_model()
-    engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()), k=3, alpha="adaptive")
+    engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()), k=3, adaptive_alpha=True)
     closure = closure_for(model, make_batches(1)[0])
     engine.step(closure)  # allocations of the first step are not under test
 
@@ -159,8 +159,8 @@ def test_step_never_reads_a_tensor_on_the_host(monkeypatch):
     "kwargs,steps_before_save",
     [
         (dict(k=2), 2),
-        (dict(k=3, alpha="adaptive"), 2),
-        (dict(k=3, alpha="adaptive", minibatch_switching=True), 4),  # mid-cycle
+        (dict(k=3, adaptive_alpha=True), 2),
+        (dict(k=3, adaptive_alpha=True, minibatch_switching=True), 4),  # mid-cycle
         (dict(k=3, minibatch_switching=True, perturbation="asam"), 5),  # mid-cycle
         (dict(method="lookahead", k=3), 2),  # mid-cycle
         (dict(method="multistep_avg", k=2), 2),
@@ -231,7 +231,7 @@ def poisoned_closure(model, batch, bad_pass):
 # Settings whose outer step runs four passes.
 FOUR_PASS_STEPS = [
     dict(k=3),
-    dict(k=3, alpha="adaptive"),
+    dict(k=3, adaptive_alpha=True),
     dict(k=3, perturbation="asam"),
     dict(method="multistep_avg", k=3),
 ]
@@ -252,12 +252,15 @@ def test_nonfinite_gradient_in_any_pass_skips_the_outer_step(kwargs, bad_pass, o
     engine.step(poisoned_closure(model, make_batches(1, seed=5)[0], bad_pass))
     for a, b in zip(model.parameters(), before.parameters()):
         assert torch.equal(a, b)
-    assert int(engine.skipped_steps) == 1
-    for entry in engine.state.values():
-        for value in entry.values():
+    assert engine.stats().skipped_steps == 1
+    for key, entry in engine.state.items():
+        values = list(entry.values())
+        if key == "lookbehind_run":  # the run state: its tensors (flag, counter, last alpha)
+            values = [value for value in values if isinstance(value, torch.Tensor)]
+        for value in values:
             assert torch.isfinite(value).all()
     engine.step(closure_for(model, make_batches(1, seed=6)[0]))  # training goes on
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert max_param_difference(model, before) > 0
 
@@ -274,10 +277,10 @@ def test_nonfinite_gradient_mid_cycle_discards_the_cycle(method):
     engine.step(closure_for(model, batches[0]))
     engine.step(poisoned_closure(model, batches[1], 1))
     engine.step(closure_for(model, batches[2]))
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     for a, b in zip(model.parameters(), slow.parameters()):
         assert torch.equal(a, b)
-    for buffers in engine.lookbehind_state.values():
+    for buffers in engine._lookbehind_state.values():
         assert all(torch.isfinite(t).all() for t in buffers.values())
     run_next = make_batches(3, seed=8)
     for batch in run_next:
@@ -317,7 +320,7 @@ def test_batchnorm_every_pass_policy_updates_statistics_on_each_pass():
         (dict(k=1.5), "k must be an integer >= 1"),
         (dict(alpha=0.0), r"alpha must be a number in \(0, 1\]"),
         (dict(alpha=1.5), r"alpha must be a number in \(0, 1\]"),
-        (dict(alpha="fixed"), "or 'adaptive'"),
+        (dict(alpha="fixed"), r"alpha must be a number in \(0, 1\], got 'fixed'"),
         (dict(alpha=math.nan), r"alpha must be a number in \(0, 1\]"),
         (dict(rho=-0.1), "rho must be a finite number >= 0"),
         (dict(rho=math.inf), "rho must be a finite number >= 0"),
@@ -328,7 +331,7 @@ def test_batchnorm_every_pass_policy_updates_statistics_on_each_pass():
         (dict(adaptive_scope="layer"), "unknown adaptive_scope 'layer'"),
         (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),
         (dict(method="sam", k=2), "method='sam' takes k=1"),
-        (dict(method="lookahead", alpha="adaptive"), "defined for method='lookbehind'"),
+        (dict(method="lookahead", adaptive_alpha=True), "defined for method='lookbehind'"),
         (dict(method="multistep", minibatch_switching=True), "minibatch_switching"),
     ],
 )

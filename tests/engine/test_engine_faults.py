@@ -20,9 +20,9 @@ from hf_lookbehind.reference import ReferenceLookbehind
 # name: (engine settings, calls per outer step, passes per call)
 CONFIGS = {
     "lookbehind": (dict(k=2, alpha=0.5), 1, 3),
-    "lookbehind_adaptive": (dict(k=2, alpha="adaptive"), 1, 3),
+    "lookbehind_adaptive": (dict(k=2, adaptive_alpha=True), 1, 3),
     "switching": (dict(k=2, alpha=0.5, minibatch_switching=True), 2, 2),
-    "switching_adaptive": (dict(k=2, alpha="adaptive", minibatch_switching=True), 2, 2),
+    "switching_adaptive": (dict(k=2, adaptive_alpha=True, minibatch_switching=True), 2, 2),
     "lookahead_sam": (dict(method="lookahead", k=2), 2, 2),
     "lookahead": (dict(method="lookahead", k=2, perturbation="none"), 2, 1),
     "sam": (dict(method="sam"), 1, 2),
@@ -86,11 +86,14 @@ class Closures:
 
         return closure
 
-    def for_engine(self, engine: Lookbehind, batch):
-        if not engine.micro_batch_ascent:
-            return self.one(batch)
+    def step(self, engine: Lookbehind, batch) -> torch.Tensor:
+        """One engine step on ``batch``; for m-SAM, on its two halves as micro-batches."""
+        if not engine.settings["micro_batch_ascent"]:
+            return engine.step(self.one(batch))
         x, y = batch
-        return [self.one((x[:8], y[:8]), 0.5), self.one((x[8:], y[8:]), 0.5)]
+        return engine.step_micro_batches(
+            [self.one((x[:8], y[:8]), 0.5), self.one((x[8:], y[8:]), 0.5)]
+        )
 
 
 def build(name: str, batchnorm: str, extra_group: bool = False):
@@ -121,7 +124,7 @@ def assert_finite(model: nn.Module) -> None:
 
 def outer_step(engine, closures, batches) -> None:
     for batch in batches:
-        engine.step(closures.for_engine(engine, batch))
+        closures.step(engine, batch)
 
 
 CASES = [
@@ -161,7 +164,7 @@ def test_a_non_finite_value_in_any_pass_skips_the_outer_step(name, batchnorm, at
         assert torch.equal(current, held)
     for current, held in zip(model.buffers(), statistics, strict=True):
         assert torch.equal(current, held)
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     assert engine.cycle_position == 0
     assert_finite(model)
     model.eval()
@@ -196,24 +199,24 @@ def test_an_exception_in_any_pass_leaves_the_slow_weights(name, batchnorm, at):
             before = snapshot(model)
             closures.at = closures.passes + at % passes
             with pytest.raises(Injected) as failure:
-                engine.step(closures.for_engine(engine, batch))
+                closures.step(engine, batch)
             assert any("holds the slow weights" in note for note in failure.value.__notes__)
             assert_same(model, before)
             assert all(p.grad is None for p in model.parameters())
             continue
-        engine.step(closures.for_engine(engine, batch))
+        closures.step(engine, batch)
     assert_finite(model)
     if unrecoverable(name, bad_call % calls, at % passes):
-        assert int(engine.skipped_steps) == 1
+        assert engine.stats().skipped_steps == 1
         assert "discarded" in failure.value.__notes__[-1]
         return
     twin, twin_engine, _, _ = build(name, batchnorm)
     twin_closures = Closures(twin)
     for index, batch in enumerate(batches):
         if index != bad_call:
-            twin_engine.step(twin_closures.for_engine(twin_engine, batch))
+            twin_closures.step(twin_engine, batch)
     assert_same(model, snapshot(twin))
-    assert engine.gradient_computations == twin_engine.gradient_computations
+    assert engine.stats().gradient_computations == twin_engine.stats().gradient_computations
     assert engine.state_dict()["state"].keys() == twin_engine.state_dict()["state"].keys()
 
 
@@ -234,7 +237,7 @@ def test_a_parameter_without_gradient_in_a_step_is_untouched(name, batchnorm):
     for current, held in zip(model.aux.parameters(), after_first, strict=True):
         assert torch.equal(current, held)
     assert_finite(model)
-    assert int(engine.skipped_steps) == 0
+    assert engine.stats().skipped_steps == 0
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "lookahead"])
@@ -244,7 +247,7 @@ def test_a_gradient_only_in_the_ascent_pass_moves_nothing(name):
     only pass is a descent)."""
     model, engine, calls, passes = build(name, "first_pass")
     closures = Closures(model)
-    first_passes = {0} if not engine.micro_batch_ascent else {0, passes // 2}
+    first_passes = {0} if not engine.settings["micro_batch_ascent"] else {0, passes // 2}
     closures.aux = lambda index: index % passes in first_passes
     initial = [p.clone() for p in model.aux.parameters()]
     outer_step(engine, closures, make_batches(3 * calls, seed=10))
@@ -285,7 +288,7 @@ def test_m_sam_with_a_gradient_from_a_later_micro_batch_only(method, k):
         return closures
 
     for batch in make_batches(3, seed=11):
-        engine.step(micro_closures(model, batch))
+        engine.step_micro_batches(micro_closures(model, batch))
         reference.step_micro_batches(micro_closures(reference_model, batch))
     for ours, theirs in zip(model.parameters(), reference_model.parameters(), strict=True):
         assert (ours - theirs).abs().max() < 1e-10
@@ -305,8 +308,8 @@ def test_add_param_group_between_outer_steps_equals_having_it_from_the_start(nam
         if index == 2 * calls:
             engine.add_param_group({"params": list(model.extra.parameters())})
             closures.extra = twin_closures.extra = True
-        engine.step(closures.for_engine(engine, batch))
-        twin_engine.step(twin_closures.for_engine(twin_engine, batch))
+        closures.step(engine, batch)
+        twin_closures.step(twin_engine, batch)
     assert_same(model, snapshot(twin))
     assert not torch.equal(model.extra.weight, FaultNet(False).extra.weight)
 
@@ -324,8 +327,8 @@ def test_add_param_group_in_the_middle_of_a_cycle_is_refused_before_anything_cha
                 engine.add_param_group({"params": list(model.extra.parameters())})
             assert_same(model, before)
             assert len(engine.param_groups) == groups
-        engine.step(closures.for_engine(engine, batch))
-        twin_engine.step(twin_closures.for_engine(twin_engine, batch))
+        closures.step(engine, batch)
+        twin_closures.step(twin_engine, batch)
     assert_same(model, snapshot(twin))
 
 
@@ -337,7 +340,7 @@ def checkpoint(name: str, calls_done: int, **changes):
     model, engine, _, _ = build(name, "first_pass")
     closures = Closures(model)
     for batch in make_batches(calls_done, seed=14):
-        engine.step(closures.for_engine(engine, batch))
+        closures.step(engine, batch)
     trained = [p for n, p in model.named_parameters() if not n.startswith("extra")]
     base = torch.optim.SGD(trained, lr=0.1, momentum=0.9, weight_decay=1e-3)
     fresh = Lookbehind(base, **{**settings, **changes}, model=model)
@@ -353,21 +356,23 @@ def test_a_checkpoint_from_the_middle_of_a_cycle_needs_the_same_setup(changes):
         fresh.load_state_dict(state)
 
 
-@pytest.mark.parametrize("changes", [dict(rho=0.1), dict(alpha=0.8)])
+@pytest.mark.parametrize("changes", [dict(rho=0.1), dict(alpha=0.8), dict(adaptive_alpha=True)])
 def test_rho_and_alpha_may_change_between_outer_steps_and_are_logged(changes, caplog):
+    """Hyper-parameters that live in the parameter groups (the adaptive switch included) may
+    change between outer steps: the new value applies to every group."""
     state, fresh = checkpoint("switching", 2, **changes)
     with caplog.at_level(logging.WARNING, logger="hf_lookbehind.optimizer"):
         fresh.load_state_dict(state)
     ((key, value),) = changes.items()
     assert f"resuming with {key}={value!r}" in caplog.text
-    assert getattr(fresh, key) == value
+    assert fresh.settings[key] == value
+    assert all(group[f"lookbehind_{key}"] == value for group in fresh.param_groups)
 
 
 @pytest.mark.parametrize(
     "name,changes,named",
     [
         ("switching", dict(perturbation="asam"), "perturbation='SAM()' (now 'ASAM(eta=0.01)')"),
-        ("switching", dict(alpha="adaptive"), "adaptive=False (now True)"),
         ("switching_adaptive", dict(adaptive_scope="global"), "adaptive_scope='per_tensor'"),
         ("asam", dict(asam_eta=0.1), "perturbation='ASAM(eta=0.01)' (now 'ASAM(eta=0.1)')"),
         ("lookbehind", dict(k=3), "k=2 (now 3)"),

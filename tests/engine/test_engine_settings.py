@@ -51,13 +51,18 @@ def test_defaults_given_explicitly_pass(kwargs):
 
 @pytest.mark.parametrize("spelling", ["adaptive", "Adaptive", "ADAPTIVE", " adaptive "])
 def test_one_rule_for_adaptive_alpha(spelling):
+    """``alpha="adaptive"`` (any letter case) is the deprecated spelling of
+    ``adaptive_alpha=True``: it still works, with a FutureWarning."""
     assert parse_alpha(spelling) == "adaptive"
-    assert Lookbehind(sgd(make_model()), alpha=spelling).alpha == "adaptive"
+    with pytest.warns(FutureWarning, match="deprecated: pass adaptive_alpha=True"):
+        engine = Lookbehind(sgd(make_model()), alpha=spelling)
+    assert engine.settings["adaptive_alpha"] is True
+    assert engine.settings["adaptive_scope"] == "per_tensor"
 
 
 def test_alpha_from_text_and_number_agree():
     assert parse_alpha("0.8") == parse_alpha(0.8) == 0.8
-    assert Lookbehind(sgd(make_model()), alpha="0.8").alpha == 0.8
+    assert Lookbehind(sgd(make_model()), alpha="0.8").settings["alpha"] == 0.8
 
 
 def test_an_engine_is_not_wrapped_twice():
@@ -72,12 +77,14 @@ def test_reconfigure_to_a_method_without_alpha_and_back():
     model = make_model()
     engine = Lookbehind(sgd(model), alpha=0.8, adaptive_scope=None)
     engine.reconfigure(method="sam")
-    assert (engine.k, engine.alpha) == (1, None)
+    assert (engine.settings["k"], engine.settings["alpha"]) == (1, None)
+    assert engine.settings["adaptive_alpha"] is None
     engine.step(closure_for(model, make_batches(1)[0]))
     with pytest.raises(ValueError, match=r"alpha=0\.3 has no effect"):
         engine.reconfigure(method="multistep", alpha=0.3)
-    engine.reconfigure(method="lookbehind", alpha="adaptive")
-    assert (engine.alpha, engine.adaptive_scope) == ("adaptive", "per_tensor")
+    engine.reconfigure(method="lookbehind", adaptive_alpha=True)
+    assert engine.settings["adaptive_alpha"] is True
+    assert engine.settings["adaptive_scope"] == "per_tensor"
 
 
 class ModalSGD(torch.optim.SGD):
@@ -98,9 +105,9 @@ def test_a_schedule_free_base_optimizer_is_refused():
 def test_stats_and_buffer_footprint_for_a_plain_loop():
     """The diagnostics a log gets, as host numbers, and the buffers in parameter copies: two
     for static alpha (F and P), three for adaptive (and F_1)."""
-    for alpha, copies in ((0.5, 2.0), ("adaptive", 3.0)):
+    for alpha, copies in ((dict(alpha=0.5), 2.0), (dict(adaptive_alpha=True), 3.0)):
         model = make_model()
-        engine = Lookbehind(sgd(model), alpha=alpha)
+        engine = Lookbehind(sgd(model), **alpha)
         stats = engine.stats()
         assert (stats.alpha, stats.skipped_steps, stats.gradient_computations) == (None, 0, 0)
         for batch in make_batches(2):
@@ -115,7 +122,7 @@ def test_stats_and_buffer_footprint_for_a_plain_loop():
             "perturbation_distance",
             "skipped_steps",
         }
-        numel = sum(p.numel() for p in engine.params)  # frozen ones included: buffers too
+        numel = sum(p.numel() for p in engine._params)  # frozen ones included: buffers too
         footprint = engine.buffer_footprint()
         assert footprint.parameter_copies == pytest.approx(copies)
         assert footprint.bytes == copies * numel * 8  # float64

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.models import OPTIMIZERS, make_batches, make_model, max_param_difference, twin
-from helpers.reference import engine_and_reference
+from helpers.reference import alpha_settings, engine_and_reference
 from torch import nn
 
 from hf_lookbehind import Lookbehind
@@ -50,12 +50,12 @@ def test_micro_batch_ascent_matches_reference(
     optimizer_name, perturbation, method, k, alpha, scope
 ):
     model = make_model()
-    kwargs = dict(method=method, k=k, alpha=alpha, rho=0.2, adaptive_scope=scope)
+    kwargs = dict(method=method, k=k, **alpha_settings(alpha), rho=0.2, adaptive_scope=scope)
     engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, {**kwargs, "micro_batch_ascent": True}, kwargs
     )
     for batch in make_batches(OUTER_STEPS):
-        engine.step(micro_closures(model, batch))
+        engine.step_micro_batches(micro_closures(model, batch))
         reference.step_micro_batches(micro_closures(reference_model, batch))
     assert max_param_difference(model, reference_model) < TOLERANCE
     assert max_param_difference(model, make_model()) > 1e-3  # the weights did move
@@ -68,7 +68,7 @@ def test_micro_batches_differ_from_one_ascent_on_the_batch(optimizer_name):
     engine = Lookbehind(OPTIMIZERS[optimizer_name](per_micro.parameters()), micro_batch_ascent=True)
     plain = Lookbehind(OPTIMIZERS[optimizer_name](whole.parameters()))
     for batch in make_batches(OUTER_STEPS):
-        engine.step(micro_closures(per_micro, batch))
+        engine.step_micro_batches(micro_closures(per_micro, batch))
         plain.step(micro_closures(whole, batch, parts=1)[0])
     assert max_param_difference(per_micro, whole) > 1e-6
 
@@ -79,8 +79,8 @@ def test_micro_batches_differ_from_one_ascent_on_the_batch(optimizer_name):
     [
         dict(method="sam"),
         dict(k=2, alpha=0.5),
-        dict(k=3, alpha="adaptive"),
-        dict(k=2, alpha="adaptive", adaptive_scope="global", perturbation="asam"),
+        dict(k=3, adaptive_alpha=True),
+        dict(k=2, adaptive_alpha=True, adaptive_scope="global", perturbation="asam"),
     ],
 )
 def test_one_micro_batch_is_todays_step(kwargs, max_grad_norm):
@@ -92,7 +92,7 @@ def test_one_micro_batch_is_todays_step(kwargs, max_grad_norm):
     engine = Lookbehind(OPTIMIZERS["sgd"](micro.parameters()), micro_batch_ascent=True, **settings)
     plain = Lookbehind(OPTIMIZERS["sgd"](today.parameters()), **settings)
     for batch in make_batches(OUTER_STEPS):
-        engine.step(micro_closures(micro, batch, parts=1))
+        engine.step_micro_batches(micro_closures(micro, batch, parts=1))
         plain.step(micro_closures(today, batch, parts=1)[0])
     gap = max_param_difference(micro, today)
     assert gap == 0.0 if max_grad_norm is None else gap < 1e-12
@@ -108,10 +108,10 @@ def test_passes_and_gradient_computations(method, k):
     closures = [
         (lambda c=c: calls.append(1) or c()) for c in micro_closures(model, make_batches(1)[0])
     ]
-    engine.step(closures)
-    engine.step(closures)
+    engine.step_micro_batches(closures)
+    engine.step_micro_batches(closures)
     assert len(calls) == 2 * MICRO_BATCHES * (k + 1)
-    assert engine.gradient_computations == 2 * (k + 1)  # passes over the whole batch
+    assert engine.stats().gradient_computations == 2 * (k + 1)  # passes over the whole batch
 
 
 @pytest.mark.parametrize(
@@ -119,7 +119,7 @@ def test_passes_and_gradient_computations(method, k):
     [
         (dict(method="sam"), 2),  # S and one gradient sum
         (dict(k=2), 4),  # S, F and k = 2 gradient sums
-        (dict(k=3, alpha="adaptive"), 6),  # S, F, F_1 and 3 sums
+        (dict(k=3, adaptive_alpha=True), 6),  # S, F, F_1 and 3 sums
     ],
 )
 @pytest.mark.parametrize("parts", [2, 8])
@@ -127,9 +127,9 @@ def test_memory_does_not_grow_with_the_number_of_micro_batches(kwargs, buffers, 
     model = make_model()
     engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()), micro_batch_ascent=True, **kwargs)
     for batch in make_batches(2):
-        engine.step(micro_closures(model, batch, parts=parts))
+        engine.step_micro_batches(micro_closures(model, batch, parts=parts))
     trainable = [p for p in model.parameters() if p.grad is not None]
-    assert {len(engine.lookbehind_state[p]) for p in trainable} == {buffers}
+    assert {len(engine._lookbehind_state[p]) for p in trainable} == {buffers}
 
 
 @pytest.mark.parametrize("method", ["sam", "lookbehind"])
@@ -139,7 +139,7 @@ def test_a_non_finite_micro_batch_discards_the_step(method):
         OPTIMIZERS["sgd"](model.parameters()), method=method, micro_batch_ascent=True
     )
     batch = make_batches(1)[0]
-    engine.step(micro_closures(model, batch))
+    engine.step_micro_batches(micro_closures(model, batch))
     before = twin(model)
     closures = micro_closures(model, batch)
     healthy = closures[2]
@@ -150,11 +150,11 @@ def test_a_non_finite_micro_batch_discards_the_step(method):
         return loss
 
     closures[2] = poisoned
-    engine.step(closures)
+    engine.step_micro_batches(closures)
     assert max_param_difference(model, before) == 0.0
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    engine.step(micro_closures(model, batch))  # the next step trains again
+    engine.step_micro_batches(micro_closures(model, batch))  # the next step trains again
     assert max_param_difference(model, before) > 1e-6
 
 
@@ -170,6 +170,21 @@ def test_bad_settings_fail_at_construction(kwargs, message):
     model = make_model()
     with pytest.raises(ValueError, match=message):
         Lookbehind(OPTIMIZERS["sgd"](model.parameters()), micro_batch_ascent=True, **kwargs)
+
+
+def test_step_with_a_sequence_of_closures_is_the_deprecated_spelling():
+    """``step([closures])`` still runs m-SAM, with a FutureWarning: the same step as
+    ``step_micro_batches``, bit for bit."""
+    deprecated, current = make_model(), make_model()
+    engine = Lookbehind(OPTIMIZERS["sgd"](deprecated.parameters()), micro_batch_ascent=True)
+    twin_engine = Lookbehind(OPTIMIZERS["sgd"](current.parameters()), micro_batch_ascent=True)
+    for batch in make_batches(OUTER_STEPS):
+        with pytest.warns(FutureWarning, match="call step_micro_batches"):
+            engine.step(micro_closures(deprecated, batch))
+        twin_engine.step_micro_batches(micro_closures(current, batch))
+    assert max_param_difference(deprecated, current) == 0.0
+    assert max_param_difference(deprecated, make_model()) > 1e-3  # the weights did move
+    assert engine.stats().gradient_computations == twin_engine.stats().gradient_computations
 
 
 def test_a_sequence_of_closures_needs_micro_batch_ascent():

@@ -74,7 +74,7 @@ class PlainSAM(Perturbation):
 
 METHODS = {
     "lookbehind": dict(k=2),
-    "lookbehind_adaptive": dict(k=2, alpha="adaptive"),
+    "lookbehind_adaptive": dict(k=2, adaptive_alpha=True),
     "switching": dict(k=2, minibatch_switching=True),
     "sam": dict(method="sam"),
     "multistep": dict(method="multistep", k=3),
@@ -109,8 +109,10 @@ def test_a_user_defined_variant_runs_in_every_method(method):
         model = make_model()
         engine = Lookbehind(sgd(model), perturbation=perturbation, rho=0.1, **METHODS[method])
         for batch in make_batches(4):
-            closure = micro_closures if engine.micro_batch_ascent else closure_for
-            engine.step(closure(model, batch))
+            if engine.settings["micro_batch_ascent"]:
+                engine.step_micro_batches(micro_closures(model, batch))
+            else:
+                engine.step(closure_for(model, batch))
         results.append(model)
     assert max_param_difference(*results) == 0.0
     assert max_param_difference(results[0], make_model()) > 1e-3
@@ -121,7 +123,8 @@ def test_checkpoints_name_the_variant_with_its_settings():
     engine = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation=FisherSAM(0.5))
     engine.step(closure_for(model, make_batches(1)[0]))  # mid-cycle: every setting must match
     state = engine.state_dict()
-    assert engine.config["perturbation"] == "FisherSAM(eta=0.5)"
+    assert engine._config["perturbation"] == "FisherSAM(eta=0.5)"
+    assert state["state"]["lookbehind_run"]["config"]["perturbation"] == "FisherSAM(eta=0.5)"
     same = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation=FisherSAM(0.5))
     same.load_state_dict(state)
     other = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation="fisher")
@@ -136,7 +139,7 @@ def test_a_checkpoint_that_named_its_perturbation_still_resumes():
     engine = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation="asam")
     engine.step(closure_for(model, make_batches(1)[0]))
     state = engine.state_dict()
-    config = state["param_groups"][0]["lookbehind_config"]
+    config = state["state"]["lookbehind_run"]["config"]
     config["perturbation"], config["asam_eta"] = "asam", 0.01
     fresh = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation="asam")
     fresh.load_state_dict(state)

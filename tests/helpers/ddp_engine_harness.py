@@ -59,7 +59,7 @@ def train(mode: str) -> list[list[float]]:
             engine.step(closure_for(model, x, y, 1.0, model.no_sync))
         else:  # two micro-batches per process, each loss its share of the process's batch
             half = share // 2
-            engine.step(
+            engine.step_micro_batches(
                 [
                     closure_for(model, x[:half], y[:half], 0.5, model.no_sync),
                     closure_for(model, x[half:], y[half:], 0.5, model.no_sync),

@@ -20,21 +20,21 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_lookbehind import Lookbehind, asam_param_groups
-from hf_lookbehind.schedules import BUFFERS
+from hf_lookbehind._schedules import BUFFERS
 
 STEPS, BATCH = 6, 16
 
 SETUPS = {
     "lookbehind_sam": dict(k=2, alpha=0.5),
-    "lookbehind_adaptive_per_tensor": dict(k=3, alpha="adaptive"),
+    "lookbehind_adaptive_per_tensor": dict(k=3, adaptive_alpha=True),
     "lookbehind_adaptive_global_asam": dict(
-        k=3, alpha="adaptive", adaptive_scope="global", perturbation="asam", rho=0.5
+        k=3, adaptive_alpha=True, adaptive_scope="global", perturbation="asam", rho=0.5
     ),
     "switching_asam_weights_only_adamw": dict(
         k=2, minibatch_switching=True, perturbation="asam", rho=0.5, groups="asam", base="adamw"
     ),
     "switching_adaptive_global": dict(
-        k=3, alpha="adaptive", adaptive_scope="global", minibatch_switching=True
+        k=3, adaptive_alpha=True, adaptive_scope="global", minibatch_switching=True
     ),
     "sam": dict(method="sam"),
     "asam_weights_only": dict(method="sam", perturbation="asam", rho=0.5, groups="asam"),
@@ -161,7 +161,7 @@ def train(model, engine, batches, part):
 def sharding_facts(model: nn.Module, engine: Lookbehind) -> dict:
     """Whether every parameter is a sharded DTensor, and the local sizes on this rank."""
     params = list(model.parameters())
-    buffers = [t for state in engine.lookbehind_state.values() for t in state.values()]
+    buffers = [t for state in engine._lookbehind_state.values() for t in state.values()]
     return {
         "all_sharded_dtensors": all(
             isinstance(p, DTensor) and all(pl.is_shard() for pl in p.placements) for p in params
@@ -197,7 +197,7 @@ def resume_mid_cycle(output_dir: Path, mesh, rank: int, world: int) -> dict:
     """Switching mode, adaptive alpha, ASAM, k = 3: each rank saves its shards of the model and
     the optimizer state after 4 calls, in the middle of a cycle; a fresh sharded model and
     engine load them and continue; compare with an uninterrupted run bit by bit."""
-    setup = dict(k=3, alpha="adaptive", minibatch_switching=True, perturbation="asam", rho=0.5)
+    setup = dict(k=3, adaptive_alpha=True, minibatch_switching=True, perturbation="asam", rho=0.5)
     batches = make_batches(8, seed=5)
     half = BATCH // world
     part = slice(rank * half, (rank + 1) * half)

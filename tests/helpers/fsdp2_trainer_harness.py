@@ -45,7 +45,7 @@ RUNS = {
         max_grad_norm=0.3,
     ),
     "switching_adaptive_asam": dict(
-        lookbehind_k=2, minibatch_switching=True, lookbehind_alpha="adaptive",
+        lookbehind_k=2, minibatch_switching=True, lookbehind_adaptive_alpha=True,
         perturbation="asam", asam_weights_only=False, per_device_train_batch_size=8,
         max_steps=7, save_strategy="steps", save_steps=5,
     ),
@@ -98,7 +98,7 @@ def bf16_run(output_dir: Path) -> dict:
     dataset.x = dataset.x.float()
     args = make_args(
         output_dir, **SGD_MOMENTUM, **FSDP2_FLAGS, bf16=True, per_device_train_batch_size=8,
-        lookbehind_k=3, lookbehind_alpha="adaptive",
+        lookbehind_k=3, lookbehind_adaptive_alpha=True,
     )  # fmt: skip
     trainer = InOrderTrainer(model=make_model().float(), args=args, train_dataset=dataset)
     trainer.train()

@@ -8,6 +8,12 @@ from hf_lookbehind import Lookbehind, asam_param_groups
 from hf_lookbehind.reference import ReferenceLookbehind
 
 
+def alpha_settings(alpha: float | str) -> dict:
+    """The settings of a parametrized alpha: a static value, or ``"adaptive"`` for adaptive
+    alpha (eq. 7-8)."""
+    return dict(adaptive_alpha=True) if alpha == "adaptive" else dict(alpha=alpha)
+
+
 def engine_and_reference(model, optimizer_name, perturbation, engine_kwargs, reference_kwargs):
     """Engine and reference on twin models; ASAM scales only ``weight`` tensors, as the
     public ASAM code does (the engine gets it through parameter groups, the reference by name)."""

@@ -140,12 +140,12 @@ def make_trainer(
 # Trainer flags of the Lookbehind methods and modes the Trainer tests run.
 MODES = {
     "same_batch": dict(lookbehind_k=2),
-    "same_batch_adaptive_k3": dict(lookbehind_k=3, lookbehind_alpha="adaptive"),
+    "same_batch_adaptive_k3": dict(lookbehind_k=3, lookbehind_adaptive_alpha=True),
     "switching": dict(lookbehind_k=2, minibatch_switching=True),
     "switching_adaptive_asam": dict(
         lookbehind_k=3,
         minibatch_switching=True,
-        lookbehind_alpha="adaptive",
+        lookbehind_adaptive_alpha=True,
         perturbation="asam",
         asam_weights_only=False,
     ),

@@ -74,18 +74,21 @@ def test_noisy_labels_replace_the_given_share_with_uniform_classes():
 
 def test_lookbehind_flags_reach_the_lookbehind_runs_only(tmp_path):
     parser = run_noisy_labels.HfArgumentParser(run_noisy_labels.LookbehindTrainingArguments)
-    flags = ["--output_dir", str(tmp_path), "--lookbehind_alpha", "adaptive", "--lookbehind_k", "5"]
+    flags = ["--output_dir", str(tmp_path), "--lookbehind_adaptive_alpha", "--lookbehind_k", "5"]
     flags += ["--adaptive_alpha_scope", "global", "--rho", "0.3"]
     defaults = run_noisy_labels.default_training_arguments()
     (args,) = parser.parse_args_into_dataclasses([*defaults, *flags])
     sam = run_noisy_labels.method_arguments(args, "sam")
     assert (sam.lookbehind_method, sam.lookbehind_k, sam.lookbehind_alpha) == ("sam", None, None)
+    assert sam.lookbehind_adaptive_alpha is False
     assert sam.adaptive_alpha_scope is None and sam.rho == 0.3
     sgd = run_noisy_labels.method_arguments(args, "sgd")
     assert (sgd.lookbehind_method, sgd.rho, sgd.lookbehind_alpha) == ("none", None, None)
+    assert sgd.lookbehind_adaptive_alpha is False
     for method in ("lookbehind", "lookbehind_adaptive"):
         lookbehind = run_noisy_labels.method_arguments(args, method)
-        assert (lookbehind.lookbehind_k, lookbehind.lookbehind_alpha) == (5, "adaptive")
+        assert (lookbehind.lookbehind_k, lookbehind.lookbehind_alpha) == (5, None)
+        assert lookbehind.lookbehind_adaptive_alpha is True
         assert lookbehind.adaptive_alpha_scope == "global" and lookbehind.rho == 0.3
 
 

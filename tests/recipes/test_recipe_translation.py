@@ -182,7 +182,7 @@ METHOD_FLAGS = {
         "--lookbehind_method=lookbehind",
         "--minibatch_switching",
         "--lookbehind_k=2",
-        "--lookbehind_alpha=adaptive",
+        "--lookbehind_adaptive_alpha",
         "--rho=0.05",
     ),
     "asam": ("--lookbehind_method=sam", "--perturbation=asam", "--rho=0.5"),

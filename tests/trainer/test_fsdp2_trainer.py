@@ -35,7 +35,7 @@ FSDP2_CONFIG = ROOT / "examples" / "accelerate_configs" / "fsdp2.yaml"
 UNSHARDED = {
     "same_batch_accumulation_clipped": dict(lookbehind_k=2, max_grad_norm=0.3),
     "switching_adaptive_asam": dict(
-        lookbehind_k=2, minibatch_switching=True, lookbehind_alpha="adaptive",
+        lookbehind_k=2, minibatch_switching=True, lookbehind_adaptive_alpha=True,
         perturbation="asam", asam_weights_only=False, max_steps=7,
     ),
 }  # fmt: skip

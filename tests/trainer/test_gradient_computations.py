@@ -13,7 +13,7 @@ MODES = {
     "sgd": (dict(lookbehind_method="none"), 1),
     "sam": (dict(lookbehind_method="sam", lookbehind_k=None), 2),
     "lookbehind_k2": (dict(lookbehind_k=2), 3),
-    "lookbehind_adaptive_k3": (dict(lookbehind_k=3, lookbehind_alpha="adaptive"), 4),
+    "lookbehind_adaptive_k3": (dict(lookbehind_k=3, lookbehind_adaptive_alpha=True), 4),
     "switching_k2": (dict(lookbehind_k=2, minibatch_switching=True), 2),
     "lookahead_sgd": (dict(lookbehind_method="lookahead", lookbehind_k=3, perturbation="none"), 1),
     "lookahead_sam": (dict(lookbehind_method="lookahead", lookbehind_k=3), 2),

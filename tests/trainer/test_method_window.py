@@ -28,6 +28,12 @@ def handed_over_loop(phases: list[tuple[int, dict]]) -> torch.nn.Module:
     base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     closures = sequential_closures(model, BATCH, sum(steps for steps, _ in phases))
     for steps, settings in phases:
+        # The previous engine's entries (its groups' hyper-parameters and its run state) go
+        # with it; the base optimizer keeps its own state.
+        for group in base.param_groups:
+            for key in ("lookbehind_rho", "lookbehind_alpha", "lookbehind_adaptive_alpha"):
+                group.pop(key, None)
+        base.state.pop("lookbehind_run", None)
         engine = Lookbehind(base, rho=0.1, **settings)
         for _ in range(steps):
             engine.step(next(closures))
@@ -42,8 +48,8 @@ WINDOWS = {
         [(4, SAM), (8, dict(k=2))],
     ),
     "sam_lookbehind_sam_adaptive": (
-        dict(lookbehind_start_epoch=1, lookbehind_end_epoch=2, lookbehind_alpha="adaptive"),
-        [(4, SAM), (4, dict(k=2, alpha="adaptive")), (4, SAM)],
+        dict(lookbehind_start_epoch=1, lookbehind_end_epoch=2, lookbehind_adaptive_alpha=True),
+        [(4, SAM), (4, dict(k=2, adaptive_alpha=True)), (4, SAM)],
     ),
     "lookbehind_then_multistep": (
         dict(lookbehind_end_epoch=2, lookbehind_k=3, baseline_method="multistep"),
@@ -80,7 +86,7 @@ def test_trainer_switches_methods_at_the_window(tmp_path, window):
         )
         for steps, settings in phases
     )
-    assert trainer.lookbehind.gradient_computations == computations
+    assert trainer.lookbehind.stats().gradient_computations == computations
     without_window = make_trainer(
         tmp_path / "plain",
         max_steps=STEPS,

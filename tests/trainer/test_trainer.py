@@ -157,7 +157,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path, mode):
 
 
 def test_logs_carry_the_lookbehind_diagnostics(tmp_path):
-    trainer = make_trainer(tmp_path, lookbehind_alpha="adaptive", lookbehind_k=3)
+    trainer = make_trainer(tmp_path, lookbehind_adaptive_alpha=True, lookbehind_k=3)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 6
@@ -259,7 +259,7 @@ def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path, mode):
         assert torch.equal(saved[name], p.detach())
     if MODES[mode].get("minibatch_switching"):
         assert five_steps.lookbehind.cycle_position == 5 % MODES[mode]["lookbehind_k"] != 0
-        fast = five_steps.lookbehind.lookbehind_state[five_steps.model.fc1.weight]
+        fast = five_steps.lookbehind._lookbehind_state[five_steps.model.fc1.weight]
         assert not torch.equal(fast["lookbehind_fast"], saved["fc1.weight"])
 
 
@@ -346,7 +346,7 @@ def test_bf16_autocast_on_cpu_stays_finite(tmp_path):
     dataset = ToyDataset()
     dataset.x = dataset.x.float()
     trainer = make_trainer(
-        tmp_path, model=model, dataset=dataset, bf16=True, lookbehind_alpha="adaptive"
+        tmp_path, model=model, dataset=dataset, bf16=True, lookbehind_adaptive_alpha=True
     )
     trainer.train()
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
@@ -363,7 +363,7 @@ def test_the_trainer_drives_the_accelerators_grad_scaler(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     trainer.train()
-    assert trainer.lookbehind.grad_scaler is trainer.accelerator.scaler
+    assert trainer.lookbehind._grad_scaler is trainer.accelerator.scaler
     assert trainer.optimizer.scaler is None  # accelerate's own scaler step is switched off
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** (8 + 6 * 3 // 2)
     expected = plain_loop(make_model(), 16, 6, **engine_kwargs({}))
@@ -376,7 +376,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     model = make_model()
     engine = _TrainerLookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    engine.grad_scaler = scaler
+    engine.drive_grad_scaler(scaler)  # as the Trainer hands it the accelerator's scaler
     dataset = ToyDataset()
     calls = [0]
 
@@ -398,11 +398,11 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     calls[0] = 0
     engine.step(lambda: closure(poison_call=1))
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
     assert scaler.get_scale() == scale / 2
     engine.step(closure)  # training goes on, no "unscale_() has already been called"
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert int(engine.skipped_steps) == 1
+    assert engine.stats().skipped_steps == 1
 
 
 # ------------------------------------------------------------------------------ bad flags
@@ -412,7 +412,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
         (dict(lookbehind_method="adam"), "unknown lookbehind_method 'adam'"),
         (dict(lookbehind_k=0), "k must be an integer >= 1"),
         (dict(lookbehind_alpha="1.5"), r"alpha must be a number in \(0, 1\]"),
-        (dict(lookbehind_alpha="fast"), "or 'adaptive'"),
+        (dict(lookbehind_alpha="fast"), r"alpha must be a number in \(0, 1\], got 'fast'"),
         (dict(rho=-1.0), "rho must be a finite number >= 0"),
         (dict(asam_eta=-1.0), "asam_eta must be a finite number >= 0"),
         (dict(perturbation="gsam"), "unknown perturbation 'gsam'"),
@@ -472,13 +472,22 @@ def built_engine(args: LookbehindTrainingArguments) -> Lookbehind:
 
 def test_arguments_parse_from_the_command_line():
     args = parse_command_line(
-        "--lookbehind_k", "5", "--lookbehind_alpha", "ADAPTIVE", "--minibatch_switching",
+        "--lookbehind_k", "5", "--lookbehind_adaptive_alpha", "--minibatch_switching",
         "--perturbation", "asam", "--rho", "0.5",
     )  # fmt: skip
     engine = built_engine(args)
-    assert (engine.k, engine.alpha, engine.rho, engine.asam_eta) == (5, "adaptive", 0.5, 0.01)
-    assert engine.minibatch_switching and engine.perturbation == "asam"
-    assert built_engine(parse_command_line("--lookbehind_alpha", "0.8")).alpha == 0.8
+    settings = engine.settings
+    assert (settings["k"], settings["adaptive_alpha"], settings["rho"], settings["asam_eta"]) == (
+        5, True, 0.5, 0.01
+    )  # fmt: skip
+    assert settings["minibatch_switching"] and settings["perturbation"] == "asam"
+    assert all(
+        (group["lookbehind_rho"], group["lookbehind_adaptive_alpha"]) == (0.5, True)
+        for group in engine.param_groups
+    )
+    static = built_engine(parse_command_line("--lookbehind_alpha", "0.8"))
+    assert static.settings["alpha"] == 0.8 and static.settings["adaptive_alpha"] is False
+    assert all(group["lookbehind_alpha"] == 0.8 for group in static.param_groups)
 
 
 def test_flags_not_given_take_the_engines_defaults():
@@ -486,11 +495,15 @@ def test_flags_not_given_take_the_engines_defaults():
     assert (args.lookbehind_alpha, args.rho, args.asam_eta, args.adaptive_alpha_scope) == (
         (None,) * 4
     )
+    assert args.lookbehind_adaptive_alpha is False
     engine = built_engine(args)
-    assert (engine.k, engine.alpha, engine.rho, engine.batchnorm_update) == (
+    settings = engine.settings
+    assert (settings["k"], settings["alpha"], settings["rho"], settings["batchnorm_update"]) == (
         2, 0.5, 0.05, "first_pass"
     )  # fmt: skip
-    assert engine.asam_eta is None and engine.adaptive_scope is None  # not read: SAM, static
+    assert settings["adaptive_alpha"] is False
+    # not read: SAM, static
+    assert settings["asam_eta"] is None and settings["adaptive_scope"] is None
 
 
 @pytest.mark.parametrize(
@@ -609,7 +622,7 @@ def test_activation_checkpointing_gives_the_same_trajectory(tmp_path):
             per_device_train_batch_size=8,
             max_steps=4,
             activation_checkpointing=checkpointing,
-            lookbehind_alpha="adaptive",
+            lookbehind_adaptive_alpha=True,
         )
         model = tiny_bert()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)

@@ -20,7 +20,7 @@ MODES = {
     "sam": dict(lookbehind_method="sam", lookbehind_k=None),
     "lookbehind": dict(lookbehind_k=2, lookbehind_alpha="0.8"),
     "lookbehind_adaptive_asam": dict(
-        lookbehind_k=3, lookbehind_alpha="adaptive", perturbation="asam", asam_weights_only=False
+        lookbehind_k=3, lookbehind_adaptive_alpha=True, perturbation="asam", asam_weights_only=False
     ),
 }
 MICRO, PARTS, STEPS = 4, 4, 6  # batch 16 = 4 micro-batches of m = 4
@@ -45,7 +45,7 @@ def plain_micro_batch_loop(**engine_kwargs) -> torch.nn.Module:
                 return loss
 
             closures.append(closure)
-        engine.step(closures)
+        engine.step_micro_batches(closures)
     return model
 
 
@@ -72,7 +72,7 @@ def test_accumulation_micro_batches_are_the_m_sam_micro_batches(tmp_path, mode):
     )
     global_ascent.train()
     assert max_param_difference(trainer.model, global_ascent.model) > 1e-6  # m-SAM is not SAM
-    assert trainer.lookbehind.gradient_computations == STEPS * (trainer.lookbehind.k + 1)
+    assert trainer.lookbehind.stats().gradient_computations == STEPS * (trainer.lookbehind.k + 1)
 
 
 @pytest.mark.parametrize("mode", ["sam", "lookbehind"])

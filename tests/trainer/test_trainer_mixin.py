@@ -67,7 +67,7 @@ def sgd(model: nn.Module) -> torch.optim.SGD:
 def test_settings_given_apart_train_like_the_engine_in_a_plain_loop(tmp_path):
     """``max_grad_norm`` comes from the Trainer's arguments, everything else from the
     ``LookbehindConfig``."""
-    lookbehind = LookbehindConfig(lookbehind_k=3, rho=0.1, lookbehind_alpha="adaptive")
+    lookbehind = LookbehindConfig(lookbehind_k=3, rho=0.1, lookbehind_adaptive_alpha=True)
     model = make_model()
     trainer = InOrderTrainer(
         model=model,
@@ -80,7 +80,7 @@ def test_settings_given_apart_train_like_the_engine_in_a_plain_loop(tmp_path):
     expected = plain_loop(make_model(), 16, STEPS, **lookbehind.lookbehind_kwargs(0.3))
     assert max_param_difference(trainer.model, expected) < 1e-10
     assert max_param_difference(trainer.model, make_model()) > 1e-3
-    assert trainer.lookbehind.gradient_computations == 4 * STEPS
+    assert trainer.lookbehind.stats().gradient_computations == 4 * STEPS
 
 
 def test_lookbehind_training_arguments_are_one_lookbehind_config(tmp_path):
@@ -211,7 +211,7 @@ def test_seq2seq_trainer_trains_evaluates_and_saves_the_slow_weights(tmp_path):
     assert max_param_difference(trainer.model, tiny_bart()) > 1e-3
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert logged == pytest.approx(losses, rel=1e-6)  # the Trainer sums losses in float32
-    assert trainer.lookbehind.gradient_computations == 2 * STEPS
+    assert trainer.lookbehind.stats().gradient_computations == 2 * STEPS
 
     evaluation = CopyTask(16, seed=6)
     ours = trainer.predict(evaluation)

@@ -64,8 +64,13 @@ def test_a_second_train_without_resuming_keeps_training_with_the_same_engine(tmp
 
 
 def lookbehind_keys(state_dict: dict) -> set[str]:
+    """The engine's entries: in the per-parameter state and the groups, and the run state
+    (``state["lookbehind_run"]``)."""
     entries = [*state_dict["state"].values(), *state_dict["param_groups"]]
-    return {key for entry in entries for key in entry if key.startswith("lookbehind_")}
+    keys = {key for entry in entries for key in entry if key.startswith("lookbehind_")}
+    return keys | {
+        key for key in state_dict["state"] if isinstance(key, str) and key.startswith("lookbehind_")
+    }
 
 
 def test_resuming_a_lookbehind_checkpoint_without_lookbehind_drops_its_entries(tmp_path, caplog):
@@ -82,7 +87,7 @@ def test_resuming_a_lookbehind_checkpoint_without_lookbehind_drops_its_entries(t
     plain = make_trainer(tmp_path, lookbehind_method="none", max_steps=5)
     with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
         plain.train(resume_from_checkpoint=str(checkpoint))
-    assert "lookbehind_fast" in caplog.text and "lookbehind_cycle_position" in caplog.text
+    assert "lookbehind_fast" in caplog.text and "lookbehind_run" in caplog.text
     assert not lookbehind_keys(plain.optimizer.state_dict())
     assert all("asam_scale" not in group for group in plain.optimizer.param_groups)
 
@@ -107,7 +112,9 @@ def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momen
     with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
         resumed.train(resume_from_checkpoint=str(checkpoint))
     assert "written without the Lookbehind engine" in caplog.text
-    assert resumed.lookbehind.gradient_computations == 2 * 3  # two passes per switching step
+    assert (
+        resumed.lookbehind.stats().gradient_computations == 2 * 3
+    )  # two passes per switching step
 
     model, sgd = model_and_sgd_from_checkpoint(checkpoint)
     engine = Lookbehind(sgd, model=model, **engine_kwargs(MODES["switching"]))

@@ -194,7 +194,7 @@ def test_sft_with_lora_logs_what_plain_sft_logs(tmp_path, lookbehind, accumulati
     train(trainer)
     passes = passes_per_step(lookbehind)
     assert forwards.count == STEPS * passes * accumulation
-    assert trainer.lookbehind.gradient_computations == STEPS * passes
+    assert trainer.lookbehind.stats().gradient_computations == STEPS * passes
     changed = assert_trainable_weights_changed(trainer.model, initial)
     assert all("lora_" in name for name in changed)
 
@@ -282,7 +282,7 @@ def test_reward_model_with_lora_logs_what_plain_reward_training_logs(tmp_path):
     trainer = build(lookbehind_class(RewardTrainer), tmp_path, lookbehind=SWITCHING)
     initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     train(trainer)
-    assert trainer.lookbehind.gradient_computations == STEPS * passes_per_step(SWITCHING)
+    assert trainer.lookbehind.stats().gradient_computations == STEPS * passes_per_step(SWITCHING)
     changed = assert_trainable_weights_changed(trainer.model, initial)
     assert all("lora_" in n or "score.modules_to_save" in n for n in changed)
     plain = build(recorded(RewardTrainer), tmp_path / "plain")
@@ -337,8 +337,9 @@ def test_a_rebuilt_config_keeps_the_lookbehind_settings(tmp_path):
     )
     assert isinstance(trainer.args, SFTConfig)
     train(trainer)
-    assert (trainer.lookbehind.k, trainer.lookbehind.rho) == (3, 0.2)
-    assert trainer.lookbehind.gradient_computations == 4
+    assert (trainer.lookbehind.k, trainer.lookbehind.settings["rho"]) == (3, 0.2)
+    assert all(group["lookbehind_rho"] == 0.2 for group in trainer.lookbehind.param_groups)
+    assert trainer.lookbehind.stats().gradient_computations == 4
 
 
 def test_lookbehind_training_arguments_in_a_trainer_that_rebuilds_them_are_refused(tmp_path):

@@ -1,9 +1,11 @@
 """The step schedules: which passes, ascents and descents one ``Lookbehind.step()`` runs.
 
-Each schedule is a small function over the engine's primitives (:class:`hf_lookbehind.Lookbehind`:
-``forward_backward``, ``checked_gradients``, ``ascend``, ``descend``, ``base_update``,
-``finish_outer_step``, ...). Notation: ``S`` slow, ``F`` fast, ``P`` perturbed weights; the
-parameters hold ``S`` between calls.
+Internal to the engine: each schedule is a small function over the private primitives of
+:class:`hf_lookbehind.Lookbehind` (``_forward_backward``, ``_checked_gradients``, ``_ascend``,
+``_descend``, ``_base_update``, ``_finish_outer_step``, ...). State flows one way: a schedule
+calls primitives, which own every change of the engine's state; it assigns nothing itself.
+Notation: ``S`` slow, ``F`` fast, ``P`` perturbed weights; the parameters hold ``S`` between
+calls.
 """
 
 from __future__ import annotations
@@ -33,74 +35,74 @@ def micro_batch_grad_sum(inner: int) -> str:
 def lookbehind_same_batch(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     """Algorithm 1 on one minibatch with k + 1 passes: the gradient at ``P_i`` is the descent
     gradient of inner step i and the ascent gradient of inner step i + 1."""
-    params = engine.params
-    loss = engine.forward_backward(closure, first=True)
-    checked = engine.checked_gradients()
-    engine.last_ascent_grad_norm = checked.norm
-    copy_into_buffers(params, engine.lookbehind_state, FAST)  # F_0 = S
-    copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps S while P moves
-    engine.hold_backup("params", PERTURBED)
-    for inner in range(1, engine.k + 1):
-        engine.ascend(checked)  # P_{i-1} -> P_i
-        engine.forward_backward(closure, first=False)
-        checked = engine.checked_gradients()
-        engine.descend(record_first=inner == 1 and engine.alpha == "adaptive")
-    slow = engine.buffers(PERTURBED)
-    engine.record_perturbation_distance([p.data for p in params], slow)
-    engine.finish_outer_step(slow)
-    engine.swap(PERTURBED)  # params <- new S
+    params = engine._params
+    loss = engine._forward_backward(closure, first=True)
+    checked = engine._checked_gradients()
+    engine._record_ascent_norm(checked)
+    copy_into_buffers(params, engine._lookbehind_state, FAST)  # F_0 = S
+    copy_into_buffers(params, engine._lookbehind_state, PERTURBED)  # keeps S while P moves
+    engine._hold_backup("params", PERTURBED)
+    for inner in range(1, engine._setup.k + 1):
+        engine._ascend(checked)  # P_{i-1} -> P_i
+        engine._forward_backward(closure, first=False)
+        checked = engine._checked_gradients()
+        engine._descend(record_first=inner == 1 and engine._adaptive)
+    slow = engine._buffers(PERTURBED)
+    engine._record_perturbation_distance([p.data for p in params], slow)
+    engine._finish_outer_step(slow)
+    engine._swap(PERTURBED)  # params <- new S
     return loss
 
 
 def lookbehind_switching(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     """One inner step of Algorithm 1 on a new minibatch (Sec. 6.2, 2 passes); the k-th call of
     a cycle updates ``S``."""
-    params = engine.params
+    params = engine._params
     position = engine.cycle_position
     if position == 0:
-        copy_into_buffers(params, engine.lookbehind_state, FAST)
-        copy_into_buffers(params, engine.lookbehind_state, PERTURBED)
-    engine.swap(PERTURBED)  # params <- P_{i-1}, buffer <- S
-    loss = engine.forward_backward(closure, first=True)
-    checked = engine.checked_gradients()
-    engine.last_ascent_grad_norm = checked.norm
+        copy_into_buffers(params, engine._lookbehind_state, FAST)
+        copy_into_buffers(params, engine._lookbehind_state, PERTURBED)
+    engine._swap(PERTURBED)  # params <- P_{i-1}, buffer <- S
+    loss = engine._forward_backward(closure, first=True)
+    checked = engine._checked_gradients()
+    engine._record_ascent_norm(checked)
     if position > 0:
-        engine.cycle_changed()  # P_{i-1}, carried from the last call, moves on
-    engine.ascend(checked)  # P_i
-    engine.forward_backward(closure, first=False)
-    engine.checked_gradients()
-    engine.descend(record_first=position == 0 and engine.alpha == "adaptive")
-    engine.swap(PERTURBED)  # params <- S, buffer <- P_i
-    engine.advance_cycle()
+        engine._cycle_changed()  # P_{i-1}, carried from the last call, moves on
+    engine._ascend(checked)  # P_i
+    engine._forward_backward(closure, first=False)
+    engine._checked_gradients()
+    engine._descend(record_first=position == 0 and engine._adaptive)
+    engine._swap(PERTURBED)  # params <- S, buffer <- P_i
+    engine._advance_cycle()
     if engine.cycle_position == 0:
         slow = [p.data for p in params]
-        engine.record_perturbation_distance(engine.buffers(PERTURBED), slow)
-        engine.finish_outer_step(slow)
+        engine._record_perturbation_distance(engine._buffers(PERTURBED), slow)
+        engine._finish_outer_step(slow)
     return loss
 
 
 def lookahead(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     """Lookahead (Zhang et al.) with a SAM/ASAM (or plain) inner step: one inner step per call,
     ``S <- S + alpha (F_k - S)`` every k-th call."""
-    params = engine.params
+    params = engine._params
     if engine.cycle_position == 0:
-        copy_into_buffers(params, engine.lookbehind_state, FAST)
-    engine.swap(FAST)  # params <- F_{i-1}, buffer <- S
-    loss = engine.forward_backward(closure, first=True)
-    checked = engine.checked_gradients()
-    engine.last_ascent_grad_norm = checked.norm
-    if engine.perturbation != "none":
-        copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps F_{i-1}
-        engine.hold_backup(FAST, PERTURBED)
-        engine.ascend(checked)
-        engine.forward_backward(closure, first=False)
-        engine.checked_gradients()
-        engine.swap(PERTURBED)  # params <- F_{i-1}
-    engine.base_update()  # F_i
-    engine.swap(FAST)  # params <- S, buffer <- F_i
-    engine.advance_cycle()
+        copy_into_buffers(params, engine._lookbehind_state, FAST)
+    engine._swap(FAST)  # params <- F_{i-1}, buffer <- S
+    loss = engine._forward_backward(closure, first=True)
+    checked = engine._checked_gradients()
+    engine._record_ascent_norm(checked)
+    if engine._setup.perturbation != "none":
+        copy_into_buffers(params, engine._lookbehind_state, PERTURBED)  # keeps F_{i-1}
+        engine._hold_backup(FAST, PERTURBED)
+        engine._ascend(checked)
+        engine._forward_backward(closure, first=False)
+        engine._checked_gradients()
+        engine._swap(PERTURBED)  # params <- F_{i-1}
+    engine._base_update()  # F_i
+    engine._swap(FAST)  # params <- S, buffer <- F_i
+    engine._advance_cycle()
     if engine.cycle_position == 0:
-        engine.finish_outer_step([p.data for p in params])
+        engine._finish_outer_step([p.data for p in params])
     return loss
 
 
@@ -108,28 +110,28 @@ def multistep(engine: Lookbehind, closure: Closure) -> torch.Tensor:
     """SAM (k = 1) and Multistep-SAM: k ascent steps from ``S``, then one base update of ``S``
     with the last gradient (``multistep``) or the average of the gradients at ``P_1..P_k``
     (``multistep_avg``)."""
-    params = engine.params
-    average = engine.method == "multistep_avg"
-    loss = engine.forward_backward(closure, first=True)
-    checked = engine.checked_gradients()
-    engine.last_ascent_grad_norm = checked.norm
-    copy_into_buffers(params, engine.lookbehind_state, PERTURBED)  # keeps S
-    engine.hold_backup("params", PERTURBED)
+    params = engine._params
+    average = engine._setup.method == "multistep_avg"
+    loss = engine._forward_backward(closure, first=True)
+    checked = engine._checked_gradients()
+    engine._record_ascent_norm(checked)
+    copy_into_buffers(params, engine._lookbehind_state, PERTURBED)  # keeps S
+    engine._hold_backup("params", PERTURBED)
     summed: set[torch.Tensor] = set()
-    for _ in range(engine.k):
-        engine.ascend(checked)
-        engine.forward_backward(closure, first=False)
-        checked = engine.checked_gradients()
+    for _ in range(engine._setup.k):
+        engine._ascend(checked)
+        engine._forward_backward(closure, first=False)
+        checked = engine._checked_gradients()
         if average:
             _accumulate_gradients(engine, checked.params, checked.grads, GRAD_SUM, summed)
-    slow = engine.buffers(PERTURBED)
-    engine.record_perturbation_distance([p.data for p in params], slow)
+    slow = engine._buffers(PERTURBED)
+    engine._record_perturbation_distance([p.data for p in params], slow)
     copy_values_([p.data for p in params], slow)  # params <- S; buffer keeps S
     if average:
-        _load_gradient_sum(engine, GRAD_SUM, summed, divisor=float(engine.k))
-    engine.base_update()
-    select_([p.data for p in params], slow, engine.nonfinite_flag)  # a skipped step keeps S
-    engine.close_cycle()
+        _load_gradient_sum(engine, GRAD_SUM, summed, divisor=float(engine._setup.k))
+    engine._base_update()
+    select_([p.data for p in params], slow, engine._nonfinite_flag)  # a skipped step keeps S
+    engine._close_cycle()
     return loss
 
 
@@ -139,7 +141,7 @@ def _accumulate_gradients(
     """``state[p][key] += grad`` over the passes of one step; ``summed`` holds the parameters
     that had a gradient in an earlier pass of the step (the others start their sum here), so
     a parameter without any gradient in the step keeps none, whatever earlier steps left."""
-    state = engine.lookbehind_state
+    state = engine._lookbehind_state
     started = [index for index, p in enumerate(params) if p not in summed]
     for index in started:
         p = params[index]
@@ -161,10 +163,10 @@ def _load_gradient_sum(
     ``torch.optim`` leaves a parameter without gradient (the sums' storage and the gradients'
     swap places, so nothing is allocated). Passes before a non-finite one were summed
     unzeroed, so the result is gated by the non-finite flag."""
-    engine.forget_checked_norm()  # these gradients are not the checked ones
-    state = engine.lookbehind_state
+    engine._forget_checked_norm()  # these gradients are not the checked ones
+    state = engine._lookbehind_state
     loaded = []
-    for p in engine.params:
+    for p in engine._params:
         if p not in summed:
             p.grad = None
             continue
@@ -175,7 +177,7 @@ def _load_gradient_sum(
     if loaded:
         if divisor != 1.0:
             torch._foreach_div_(loaded, divisor)
-        torch._foreach_mul_(loaded, engine.keep_factor(loaded[0].dtype))
+        torch._foreach_mul_(loaded, engine._keep_factor(loaded[0].dtype))
 
 
 def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch.Tensor:
@@ -192,44 +194,44 @@ def micro_batch_ascent(engine: Lookbehind, closures: Sequence[Closure]) -> torch
     and ``F_1`` for adaptive alpha). Only the first micro-batch's passes are counted as
     gradient computations: the k + 1 passes over the batch.
     """
-    params = engine.params
-    state = engine.lookbehind_state
-    sums = [micro_batch_grad_sum(i) for i in range(1, engine.k + 1)]
+    params = engine._params
+    state = engine._lookbehind_state
+    sums = [micro_batch_grad_sum(i) for i in range(1, engine._setup.k + 1)]
     copy_into_buffers(params, state, PERTURBED)  # keeps S
-    engine.hold_backup("params", PERTURBED)
-    slow = engine.buffers(PERTURBED)
+    engine._hold_backup("params", PERTURBED)
+    slow = engine._buffers(PERTURBED)
     summed: dict[str, set[torch.Tensor]] = {key: set() for key in sums}
     loss = None
     for index, closure in enumerate(closures):
         if index > 0:
             copy_values_([p.data for p in params], slow)  # params <- S
-        micro_loss = engine.forward_backward(closure, first=True, count=index == 0)
+        micro_loss = engine._forward_backward(closure, first=True, count=index == 0)
         loss = micro_loss if loss is None else loss + micro_loss
-        checked = engine.checked_gradients()
+        checked = engine._checked_gradients()
         if index == 0:
-            engine.last_ascent_grad_norm = checked.norm
+            engine._record_ascent_norm(checked)
         for key in sums:
-            engine.ascend(checked)  # P_{j,i}
-            engine.forward_backward(closure, first=False, count=index == 0)
-            checked = engine.checked_gradients()
+            engine._ascend(checked)  # P_{j,i}
+            engine._forward_backward(closure, first=False, count=index == 0)
+            checked = engine._checked_gradients()
             _accumulate_gradients(engine, checked.params, checked.grads, key, summed[key])
-    engine.record_perturbation_distance([p.data for p in params], slow)  # of the last path
+    engine._record_perturbation_distance([p.data for p in params], slow)  # of the last path
     copy_values_([p.data for p in params], slow)  # params <- S
-    engine.synchronize_gradient_sums(
+    engine._synchronize_gradient_sums(
         [state[p][key] for key in sums for p in params if p in summed[key]]
     )
-    if engine.method == "sam":
+    if engine._setup.method == "sam":
         _load_gradient_sum(engine, sums[0], summed[sums[0]], divisor=1.0)
-        engine.base_update()
-        select_([p.data for p in params], slow, engine.nonfinite_flag)  # a skipped step keeps S
-        engine.close_cycle()
+        engine._base_update()
+        select_([p.data for p in params], slow, engine._nonfinite_flag)  # a skipped step keeps S
+        engine._close_cycle()
         return loss
     copy_into_buffers(params, state, FAST)  # F_0 = S
     for inner, key in enumerate(sums, start=1):
         _load_gradient_sum(engine, key, summed[key], divisor=1.0)
-        engine.descend(record_first=inner == 1 and engine.alpha == "adaptive")
+        engine._descend(record_first=inner == 1 and engine._adaptive)
     slow = [p.data for p in params]
-    engine.finish_outer_step(slow)
+    engine._finish_outer_step(slow)
     return loss
 
 
