@@ -3,6 +3,7 @@
 # examples/cifar/README.md):
 #
 #   bash scripts/run_cpu_comparisons.sh translation   # Multi30k: Adam, SAM, Lookahead, Lookbehind
+#   bash scripts/run_cpu_comparisons.sh translation_lr  # the same at lr 5e-4, 1e-3, 2e-3
 #   bash scripts/run_cpu_comparisons.sh cifar         # CIFAR-10 subset: SGD, SAM, ... 2 seeds
 #   bash scripts/run_cpu_comparisons.sh cifar_plateau # the same 250 images, to the plateau
 #   bash scripts/run_cpu_comparisons.sh tables        # the README tables from the finished runs
@@ -58,11 +59,12 @@ translate() {  # NAME SEED FLAGS...
     --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1
 }
 
-in_parallel() {  # JOB...: each JOB is the arguments of one translate call, as one string
-  local job
+in_parallel() {  # FUNCTION JOB...: each JOB is the arguments of one FUNCTION call, as one
+  local run=$1 job  # string; JOBS calls at a time
+  shift
   for job in "$@"; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
-    eval "translate $job" &
+    eval "$run $job" &
   done
   wait
 }
@@ -90,10 +92,10 @@ run_translation() {
   # per method), and Lookbehind with alpha 1 and rho 0: every inner step descends with a
   # gradient taken at S, nothing else differs from Adam (why Lookbehind trails here). The runs
   # of two passes per step first, so that the two slots end together.
-  in_parallel \
+  in_parallel translate \
     "sam_rho0.05 0 --lookbehind_method sam --rho 0.05" \
     "lookbehind_a0.8_rho0.02 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.02" \
-    "lookbehind_adaptive_rho0.02 0 $LOOKBEHIND --lookbehind_alpha adaptive --rho 0.02" \
+    "lookbehind_adaptive_rho0.02 0 $LOOKBEHIND --lookbehind_adaptive_alpha --rho 0.02" \
     "sam_rho0.02 0 --lookbehind_method sam --rho 0.02" \
     "lookbehind_a0.8_rho0.05 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.05" \
     "sam_rho0.1 0 --lookbehind_method sam --rho 0.1" \
@@ -104,13 +106,82 @@ run_translation() {
   sam=$(best_rho sam) lookbehind=$(best_rho lookbehind_a0.8) adaptive=$(best_rho lookbehind_adaptive)
   # Seed 1 at each method's best rho (by seed 0's validation BLEU), and Lookbehind-SAM with
   # alpha 1 at its best rho (the slow weights then take the full k inner steps).
-  in_parallel \
+  in_parallel translate \
     "lookbehind_a1_rho$lookbehind 0 $LOOKBEHIND --lookbehind_alpha 1 --rho $lookbehind" \
     "sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
     "lookbehind_a0.8_rho$lookbehind 1 $LOOKBEHIND --lookbehind_alpha 0.8 --rho $lookbehind" \
-    "lookbehind_adaptive_rho$adaptive 1 $LOOKBEHIND --lookbehind_alpha adaptive --rho $adaptive" \
+    "lookbehind_adaptive_rho$adaptive 1 $LOOKBEHIND --lookbehind_adaptive_alpha --rho $adaptive" \
     "adam 1 --lookbehind_method none" \
     "lookahead_adam_a0.8 1 $LOOKAHEAD_ADAM --lookbehind_alpha 0.8"
+}
+
+# ------------------------------------------------------------------------- translation_lr
+# The learning-rate study: the same data and model with the paper's schedule shape (Adam
+# betas (0.9, 0.98), inverse-sqrt decay after a linear warm-up of 200 steps: about 4 epochs of
+# the 5,000 pairs, as fairseq's 4,000 steps are about 4 epochs of IWSLT'14), at lr 5e-4 (the
+# paper's), 1e-3 and 2e-3. Every run trains to its plateau: validation loss every 250 steps,
+# stop once it has not improved for 2 evaluations (--early_stopping_patience), then validation
+# and test BLEU of the best checkpoint by validation loss; --max_steps is only a cap. A finished
+# run's all_results.json and trainer_state.json are kept in $LR_RECORDS (committed), and a run
+# whose record exists is skipped, so the study continues where it stopped.
+LR_RUNS=$RUNS/translation_lr
+LR_RECORDS=${LR_RECORDS:-examples/translation/lr_study}
+LR_COMMON=(
+  --data_dir "$TRANSLATION_DATA" --validation_split val --test_split test_2016_flickr
+  --max_train_samples 5000 --bpe_vocab_size 2000 --subword_dir "$RUNS/data/subwords_multi30k_5k"
+  --d_model 128 --encoder_layers 2 --decoder_layers 2 --attention_heads 4 --ffn_dim 512
+  --dropout 0.1 --max_tokens 2048
+  --lr_scheduler_type inverse_sqrt --warmup_steps 200 --adam_beta1 0.9 --adam_beta2 0.98
+  --weight_decay 1e-4 --label_smoothing_factor 0.1 --max_grad_norm 0
+  --do_train --do_eval --do_predict --predict_with_generate --generation_num_beams 1
+  --generation_max_length 80 --per_device_eval_batch_size 128 --logging_steps 50
+  --eval_strategy steps --eval_steps 250 --save_strategy steps --save_steps 250
+  --save_total_limit 1 --load_best_model_at_end --early_stopping_patience 2
+  --report_to none --use_cpu --disable_tqdm true
+)
+
+translate_lr() {  # LR NAME SEED FLAGS...
+  local lr=$1 name=$2 seed=$3 run=lr$1/$2_seed$3
+  local dir=$LR_RUNS/$run record=$LR_RECORDS/$run max_steps
+  shift 3
+  [[ -f $record/all_results.json ]] && return
+  case $lr in 5e-4) max_steps=8000 ;; 1e-3) max_steps=6000 ;; *) max_steps=4000 ;; esac
+  mkdir -p "$dir"
+  echo "$(date -u +%H:%M:%S) translation lr $lr $name seed $seed: $*"
+  nice -n 19 "$PYTHON" examples/translation/run_translation.py "${LR_COMMON[@]}" \
+    --learning_rate "$lr" --max_steps "$max_steps" --seed "$seed" --output_dir "$dir" "$@" \
+    >"$dir/log.txt" 2>&1 || { echo "failed: $dir/log.txt" >&2; return 1; }
+  rm -rf "$dir"/checkpoint-*
+  mkdir -p "$record"
+  cp "$dir/all_results.json" "$dir/trainer_state.json" "$record/"
+  printf '%s\n' "$*" >"$record/flags.txt"
+}
+
+lr_methods() {  # LR SEED: the five methods of the table at one learning rate
+  echo "$1 lookbehind_a0.8_rho0.01 $2 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.01"
+  echo "$1 lookbehind_adaptive_rho0.01 $2 $LOOKBEHIND --lookbehind_adaptive_alpha --rho 0.01"
+  echo "$1 sam_rho0.02 $2 --lookbehind_method sam --rho 0.02"
+  echo "$1 lookbehind_a1_rho0 $2 $LOOKBEHIND --lookbehind_alpha 1 --rho 0"
+  echo "$1 adam $2 --lookbehind_method none"
+}
+
+run_translation_lr() {
+  prepare_multi30k
+  local lr jobs
+  # Seed 0 of the five methods at each learning rate, the paper's first; rho from the lr 2e-3
+  # comparison above (SAM 0.02, Lookbehind-SAM 0.01).
+  for lr in 5e-4 2e-3 1e-3; do
+    mapfile -t jobs < <(lr_methods "$lr" 0)
+    in_parallel translate_lr "${jobs[@]}"
+  done
+  # At lr 5e-4: a rho sweep around those values, then seed 1 of every method.
+  in_parallel translate_lr \
+    "5e-4 sam_rho0.05 0 --lookbehind_method sam --rho 0.05" \
+    "5e-4 lookbehind_a0.8_rho0.02 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.02" \
+    "5e-4 sam_rho0.005 0 --lookbehind_method sam --rho 0.005" \
+    "5e-4 lookbehind_a0.8_rho0.005 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.005"
+  mapfile -t jobs < <(lr_methods 5e-4 1)
+  in_parallel translate_lr "${jobs[@]}"
 }
 
 # ---------------------------------------------------------------------------------- cifar
@@ -165,7 +236,7 @@ run_cifar() {
     train_cifar lookbehind_a0.5 "$seed" --lookbehind_method lookbehind --lookbehind_k 2 \
       --lookbehind_alpha 0.5 --rho 0.05
     train_cifar lookbehind_adaptive "$seed" --lookbehind_method lookbehind --lookbehind_k 2 \
-      --lookbehind_alpha adaptive --rho 0.05
+      --lookbehind_adaptive_alpha --rho 0.05
     train_cifar multistep "$seed" --lookbehind_method multistep --lookbehind_k 2 --rho 0.05
     train_cifar lookahead_sam_a0.5 "$seed" --lookbehind_method lookahead --perturbation sam \
       --lookbehind_k 2 --lookbehind_alpha 0.5 --rho 0.05
@@ -202,8 +273,9 @@ tables() {
 
 case ${1:-} in
   translation) run_translation ;;
+  translation_lr) run_translation_lr ;;
   cifar) run_cifar ;;
   cifar_plateau) CIFAR_SETUP=cifar_plateau run_cifar ;;
   tables) tables ;;
-  *) echo "usage: $0 translation|cifar|cifar_plateau|tables" >&2 && exit 2 ;;
+  *) echo "usage: $0 translation|translation_lr|cifar|cifar_plateau|tables" >&2 && exit 2 ;;
 esac

@@ -21,6 +21,7 @@ from typing import Any
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import (
+    EarlyStoppingCallback,
     HfArgumentParser,
     MarianMTModel,
     Seq2SeqTrainer,
@@ -129,6 +130,29 @@ class DataArguments:
 @dataclass
 class TranslationTrainingArguments(LookbehindTrainingArguments, Seq2SeqTrainingArguments):
     """The Lookbehind flags and ``Seq2SeqTrainingArguments``' generation settings."""
+
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop once --metric_for_best_model (default: the validation loss) has not "
+            "improved for this many evaluations, then score the best checkpoint (training to "
+            "the plateau; needs --load_best_model_at_end). 0: train for the whole budget."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.early_stopping_patience < 0:
+            raise ValueError(
+                f"--early_stopping_patience must be 0 (off) or positive, got "
+                f"{self.early_stopping_patience}"
+            )
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise ValueError(
+                "--early_stopping_patience needs --load_best_model_at_end (with --eval_strategy "
+                "and --save_strategy steps at the same --eval_steps and --save_steps), so that "
+                "the plateau's best checkpoint is the model that is scored"
+            )
 
 
 class TranslationTrainer(LookbehindTrainer, Seq2SeqTrainer):
@@ -351,6 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         data_collator=TranslationCollator(decoder_start_token_id=DECODER_START_ID),
         compute_metrics=eval_metrics,
         max_tokens=data_args.max_tokens,
+        callbacks=(
+            [EarlyStoppingCallback(training_args.early_stopping_patience)]
+            if training_args.early_stopping_patience
+            else None
+        ),
     )
     check_settings_before_training(trainer, data_args, training_args)
 

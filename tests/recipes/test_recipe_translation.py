@@ -220,6 +220,46 @@ def test_smoke_run_trains_and_reports_bleu(shared_data, tmp_path, method):
     ]
 
 
+def test_early_stopping_ends_training_at_the_plateau(shared_data, tmp_path):
+    """With lr 0 the validation loss never improves: patience 1 stops training at the second
+    evaluation (step 4 of the 40 allowed), and the best checkpoint (step 2) is scored."""
+    results = main(
+        smoke_argv(
+            shared_data,
+            tmp_path,
+            "--learning_rate=0",
+            "--max_steps=40",
+            "--generation_num_beams=1",
+            "--eval_strategy=steps",
+            "--eval_steps=2",
+            "--save_strategy=steps",
+            "--save_steps=2",
+            "--load_best_model_at_end",
+            "--early_stopping_patience=1",
+        )
+    )
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert state["best_model_checkpoint"].endswith("checkpoint-2")
+    evaluations = [entry["eval_loss"] for entry in state["log_history"] if "eval_loss" in entry]
+    assert len(evaluations) == 2 and results["eval_loss"] == pytest.approx(evaluations[0])
+    assert evaluations[1] == evaluations[0]
+    assert math.isfinite(results["test_bleu"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--early_stopping_patience=2"], "needs --load_best_model_at_end"),
+        (["--early_stopping_patience=-1"], "must be 0 \\(off\\) or positive"),
+    ],
+)
+def test_early_stopping_flags_are_checked_before_training(shared_data, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(smoke_argv(shared_data, tmp_path, *flags))
+    assert not (tmp_path / "subwords").exists()  # refused before any work
+
+
 def test_run_rejects_unknown_split_and_ambiguous_data(shared_data, tmp_path):
     data_dir, output_dir = smoke_argv(shared_data, tmp_path)[0], f"--output_dir={tmp_path}"
     with pytest.raises(ValueError, match="no split 'train' in the data; splits: test, valid"):
