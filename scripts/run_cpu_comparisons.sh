@@ -262,6 +262,15 @@ tables() {
   [[ ${#runs[@]} -eq 0 ]] ||
     "$PYTHON" scripts/summarize_runs.py --kind translation --curve eval_loss "${runs[@]}"
   echo
+  local lr
+  for lr in 5e-4 1e-3 2e-3; do
+    mapfile -t runs < <(finished_runs "$LR_RECORDS/lr$lr" all_results.json adam sam_rho \
+      lookbehind_a0.8_rho lookbehind_adaptive lookbehind_a1_rho)
+    [[ ${#runs[@]} -eq 0 ]] && continue
+    echo "lr $lr"
+    "$PYTHON" scripts/summarize_runs.py --kind translation "${runs[@]}"
+    echo
+  done
   local setup
   for setup in cifar cifar_plateau; do
     mapfile -t runs < <(finished_runs "$RUNS/$setup" eval_results.json sgd sam multistep \

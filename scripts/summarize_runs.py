@@ -2,7 +2,8 @@
 
 CIFAR (default): final and best accuracy, seconds of training per epoch, and that time over the
 first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1). Translation:
-validation and test BLEU, validation loss and seconds per Trainer step.
+validation and test BLEU, validation loss, seconds per Trainer step, the steps trained and the
+step whose weights were scored (the best checkpoint's, for runs trained to the plateau).
 
     python scripts/summarize_runs.py sgd=out/sgd sam=out/sam lookbehind=out/lb --json t.json
     python scripts/summarize_runs.py --group_seeds out/sgd_seed0 out/sgd_seed1 out/sam_seed0 ...
@@ -55,9 +56,19 @@ def cifar_row(run_dir: str) -> dict[str, float]:
     return row
 
 
+def scored_steps(run_dir: str | Path) -> tuple[int, int]:
+    """The steps a run trained and the step of the weights its results score: the best
+    checkpoint's with ``--load_best_model_at_end`` (training to the plateau), else the last."""
+    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
+    best = state.get("best_model_checkpoint")
+    steps = state["global_step"]
+    return steps, int(best.rsplit("-", 1)[1]) if best else steps
+
+
 def translation_row(run_dir: str) -> dict[str, float]:
     row = {column: read_metric(run_dir, column) for column in TRANSLATION_COLUMNS}
     row["seconds_per_step"] = 1.0 / read_metric(run_dir, "train_steps_per_second")
+    row["steps"], row["scored_step"] = scored_steps(run_dir)
     return row
 
 
@@ -124,13 +135,15 @@ def cifar_markdown(rows: list[dict]) -> str:
 
 
 def translation_markdown(rows: list[dict]) -> str:
-    header = ("run", "seeds", "BLEU val", "BLEU test", "sacreBLEU test", "val loss", "s/step")
+    header = ("run", "seeds", "BLEU val", "BLEU test", "sacreBLEU test", "val loss", "s/step",
+              "steps", "scored at step")  # fmt: skip
     return markdown_table(
         header,
         [
             (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_bleu", 1, 2),
              _cell(r, "test_bleu", 1, 2), _cell(r, "test_sacrebleu", 1, 2),
-             _cell(r, "eval_loss", 1, 3), _cell(r, "seconds_per_step", 1, 2))
+             _cell(r, "eval_loss", 1, 3), _cell(r, "seconds_per_step", 1, 2),
+             _cell(r, "steps", 1, 0), _cell(r, "scored_step", 1, 0))
             for r in rows
         ],
     )  # fmt: skip

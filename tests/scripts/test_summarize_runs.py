@@ -10,10 +10,11 @@ import pytest
 from summarize_runs import main
 
 
-def write_run(folder: Path, results: dict, log_history: list[dict]) -> str:
+def write_run(folder: Path, results: dict, log_history: list[dict], **state) -> str:
     folder.mkdir(parents=True)
     (folder / "all_results.json").write_text(json.dumps(results))
-    (folder / "trainer_state.json").write_text(json.dumps({"log_history": log_history}))
+    state = {"log_history": log_history, "global_step": 1000, **state}
+    (folder / "trainer_state.json").write_text(json.dumps(state))
     return str(folder)
 
 
@@ -50,10 +51,18 @@ def test_translation_rows(tmp_path, capsys):
         "train_steps_per_second": 4.0,
     }  # fmt: skip
     run = write_run(tmp_path / "sam_rho0.1_seed0", results, [{"loss": 5.0}, {"loss": 4.0}])
-    main(["--kind", "translation", run])
-    assert capsys.readouterr().out.splitlines()[2] == (
-        "| sam_rho0.1 | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 |"
+    plateau = write_run(
+        tmp_path / "adam_seed0",
+        results,
+        [{"loss": 5.0}],
+        global_step=3250,
+        best_model_checkpoint=str(tmp_path / "adam_seed0" / "checkpoint-2750"),
     )
+    main(["--kind", "translation", run, plateau])
+    assert capsys.readouterr().out.splitlines()[2:] == [
+        "| sam_rho0.1 | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 | 1000 | 1000 |",
+        "| adam | 0 | 20.00 | 21.00 | 19.50 | 3.250 | 0.25 | 3250 | 2750 |",
+    ]
 
 
 def test_group_seeds_needs_seed_folders(tmp_path):
