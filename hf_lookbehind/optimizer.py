@@ -308,7 +308,6 @@ class Lookbehind(torch.optim.Optimizer):
         self._read_group_values()  # a bad value given in a group fails here, before any work
 
     def _apply_settings(self, settings: dict[str, Any]) -> None:
-        self._settings = dict(settings)
         self._setup = SimpleNamespace(**settings)
         none = settings["perturbation"] == "none"
         self._ascent = (
@@ -322,7 +321,7 @@ class Lookbehind(torch.optim.Optimizer):
         :func:`~hf_lookbehind.settings.validate_settings` filled them in. ``rho``, ``alpha``
         and ``adaptive_alpha`` are the parameter groups' defaults; the groups hold the values
         in use."""
-        return dict(self._settings)
+        return dict(vars(self._setup))
 
     @property
     def _config(self) -> dict[str, Any]:
@@ -347,12 +346,11 @@ class Lookbehind(torch.optim.Optimizer):
                 f"reconfigure() between outer steps only: {self.cycle_position} of "
                 f"{self._setup.k} inner steps of the current cycle are done"
             )
-        unknown = set(changes) - set(self._settings)
+        settings = self.settings
+        unknown = set(changes) - set(settings)
         if unknown:
-            raise TypeError(
-                f"unknown settings {sorted(unknown)}; allowed: {sorted(self._settings)}"
-            )
-        carried = applicable_settings({**self._settings, "k": None, **changes})
+            raise TypeError(f"unknown settings {sorted(unknown)}; allowed: {sorted(settings)}")
+        carried = applicable_settings({**settings, "k": None, **changes})
         if "alpha" in changes:  # a static alpha, or the switch's deprecated spelling
             carried["adaptive_alpha"] = None
         if changes.get("adaptive_alpha"):
@@ -388,7 +386,7 @@ class Lookbehind(torch.optim.Optimizer):
         group has none, or for the keys in ``overwrite``), and drop those it does not read."""
         for group in self.param_groups:
             for key, name in GROUP_SETTINGS.items():
-                value = self._settings[name]
+                value = getattr(self._setup, name)
                 if value is None:
                     group.pop(key, None)
                 elif key in overwrite or key not in group:
@@ -397,10 +395,10 @@ class Lookbehind(torch.optim.Optimizer):
     def _check_group(self, where: str, group: dict[str, Any]) -> None:
         """Refuse a group's hyper-parameter that the method does not read, or a bad value."""
         for key, name in GROUP_SETTINGS.items():
-            if key in group and self._settings[name] is None:
+            if key in group and getattr(self._setup, name) is None:
                 raise ValueError(
                     f"{where} sets {key}={group[key]!r}, which method={self._setup.method!r} "
-                    f"with perturbation={self._settings['perturbation']!r} does not read; "
+                    f"with perturbation={self._setup.perturbation!r} does not read; "
                     "remove it"
                 )
         if RHO in group:
@@ -423,25 +421,24 @@ class Lookbehind(torch.optim.Optimizer):
         for index, group in enumerate(self.param_groups):
             self._check_group(f"param_groups[{index}]", group)
         self._fill_group_values(overwrite=())
-        rhos: dict[int, float] = {}
-        alphas: list[float] = []
-        switches: set[bool] = set()
-        for group in self.param_groups:
-            if RHO in group:
-                rhos.update((id(p), float(group[RHO])) for p in group["params"])
-            if ALPHA in group:
-                alphas += [float(group[ALPHA])] * len(group["params"])
-                switches.add(group[ADAPTIVE_ALPHA])
+        groups = self.param_groups
+        switches = {group[ADAPTIVE_ALPHA] for group in groups if ADAPTIVE_ALPHA in group}
         if len(switches) > 1:
             raise ValueError(
                 f"{ADAPTIVE_ALPHA!r} differs between the parameter groups: one slow-weight "
                 "update takes adaptive alpha (eq. 7-8) for all of them or for none"
             )
-        uniform_rho = set(rhos.values())
+        rhos = [float(group[RHO]) for group in groups if RHO in group]
+        alphas = [float(group[ALPHA]) for group in groups if ALPHA in group]
+        rho: float | dict[int, float] | None = rhos[0] if rhos else None
+        alpha: float | list[float] | None = alphas[0] if alphas else None
+        # One value for all groups (the usual case) needs no per-parameter lookup.
+        if len(set(rhos)) > 1:
+            rho = {id(p): value for value, g in zip(rhos, groups) for p in g["params"]}
+        if len(set(alphas)) > 1:
+            alpha = [value for value, g in zip(alphas, groups) for _ in g["params"]]
         self._values = _GroupValues(
-            rho=(uniform_rho.pop() if len(uniform_rho) == 1 else rhos) if rhos else None,
-            alpha=(alphas[0] if len(set(alphas)) == 1 else alphas) if alphas else None,
-            adaptive=switches.pop() if switches else False,
+            rho=rho, alpha=alpha, adaptive=bool(switches and switches.pop())
         )
 
     def stats(self) -> LookbehindStats:

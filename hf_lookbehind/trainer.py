@@ -113,6 +113,12 @@ class _TrainerLookbehind(Lookbehind):
         return self._setup.k
 
     @property
+    def gradient_computations(self) -> int:
+        """The passes over the batch so far (a host count: no device read, unlike
+        :meth:`stats`)."""
+        return self._run["gradient_computations"]
+
+    @property
     def last_descent_grad_norm(self) -> torch.Tensor | None:
         """``||g||`` of the last descent (a device tensor): the Trainer's ``grad_norm``."""
         return self._last_descent_grad_norm
@@ -582,7 +588,7 @@ class LookbehindMixin:
         resumes with the optimizer state; one per step for the base optimizer alone."""
         engine = self.lookbehind
         if engine is not None:
-            return engine.stats().gradient_computations
+            return engine.gradient_computations
         return 0 if self.uses_lookbehind else self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -5,7 +5,6 @@ Trainer subclass and its own config class) and ``LookbehindTrainingArguments``
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,12 +90,12 @@ def check_base_optimizer_name(optim: str, lookbehind_method: str) -> None:
 
 class AlphaFlag(float):
     """The type of ``--lookbehind_alpha``: a number (checked to lie in (0, 1] with the other
-    flags), or the deprecated spelling ``adaptive``, kept as NaN until :class:`LookbehindConfig`
-    turns it into ``--lookbehind_adaptive_alpha``."""
+    flags), or the deprecated spelling ``adaptive``, passed on as that text for
+    :class:`LookbehindConfig` to turn into ``--lookbehind_adaptive_alpha``."""
 
-    def __new__(cls, value: Any) -> AlphaFlag:
+    def __new__(cls, value: Any) -> AlphaFlag | str:
         if isinstance(value, str) and value.strip().lower() == "adaptive":
-            value = "nan"
+            return value
         return super().__new__(cls, value)
 
 
@@ -251,10 +250,7 @@ class LookbehindConfig:
     def _take_deprecated_alpha_spelling(self) -> None:
         """``--lookbehind_alpha adaptive`` (or ``lookbehind_alpha="adaptive"``) becomes
         ``--lookbehind_adaptive_alpha``, with a ``FutureWarning``; a number becomes a float."""
-        value = self.lookbehind_alpha
-        if isinstance(value, float) and math.isnan(value):
-            value = "adaptive"
-        value = parse_alpha(value)
+        value = parse_alpha(self.lookbehind_alpha)
         if value == "adaptive":
             warnings.warn(ADAPTIVE_SPELLING, FutureWarning, stacklevel=4)
             self.lookbehind_alpha, self.lookbehind_adaptive_alpha = None, True

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from hf_lookbehind.analysis.cli import labelled
-from hf_lookbehind.analysis.curves import load_log_history, training_curves
+from hf_lookbehind.analysis.curves import load_log_history, trainer_state_path, training_curves
 from hf_lookbehind.analysis.sweep import read_metric
 from hf_lookbehind_recipes.tables import markdown_table
 
@@ -36,8 +36,7 @@ SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 
 def epoch_seconds(run_dir: str | Path) -> list[float]:
     """``train_epoch_seconds`` of every epoch (``hf_lookbehind.EpochTimer``'s log entries)."""
-    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
-    return [entry["train_epoch_seconds"] for entry in state["log_history"]
+    return [entry["train_epoch_seconds"] for entry in load_log_history(run_dir)
             if "train_epoch_seconds" in entry]  # fmt: skip
 
 
@@ -45,8 +44,7 @@ def last_training_loss(run_dir: str | Path) -> float:
     """The last logged training loss: the loss of each step's first pass, at the slow weights
     in same-batch mode (in switching mode every other step's first pass is perturbed, so the
     translation table leaves it out)."""
-    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
-    return [entry["loss"] for entry in state["log_history"] if "loss" in entry][-1]
+    return [entry["loss"] for entry in load_log_history(run_dir) if "loss" in entry][-1]
 
 
 def cifar_row(run_dir: str) -> dict[str, float]:
@@ -59,7 +57,7 @@ def cifar_row(run_dir: str) -> dict[str, float]:
 def scored_steps(run_dir: str | Path) -> tuple[int, int]:
     """The steps a run trained and the step of the weights its results score: the best
     checkpoint's with ``--load_best_model_at_end`` (training to the plateau), else the last."""
-    state = json.loads((Path(run_dir) / "trainer_state.json").read_text())
+    state = json.loads(trainer_state_path(run_dir).read_text())
     best = state.get("best_model_checkpoint")
     steps = state["global_step"]
     return steps, int(best.rsplit("-", 1)[1]) if best else steps
