@@ -69,8 +69,8 @@ in_parallel() {  # FUNCTION JOB...: each JOB is the arguments of one FUNCTION ca
   wait
 }
 
-best_rho() {  # PREFIX: the rho of the runs PREFIX_rho*_seed0 with the highest validation BLEU
-  "$PYTHON" - "$TRANSLATION_RUNS" "$1" <<'EOF'
+best_rho() {  # PREFIX [FOLDER]: the rho of the runs FOLDER/PREFIX_rho*_seed0 with the highest
+  "$PYTHON" - "${2:-$TRANSLATION_RUNS}" "$1" <<'EOF'  # validation BLEU
 import json
 import sys
 from pathlib import Path
@@ -174,14 +174,21 @@ run_translation_lr() {
     mapfile -t jobs < <(lr_methods "$lr" 0)
     in_parallel translate_lr "${jobs[@]}"
   done
-  # At lr 5e-4: a rho sweep around those values, then seed 1 of every method.
+  # At lr 5e-4: a rho sweep around those values, then seed 1 of Adam, SAM and Lookbehind-SAM
+  # (alpha 0.8 and adaptive) at the best rho of SAM and of Lookbehind-SAM alpha 0.8 (by seed
+  # 0's validation BLEU).
   in_parallel translate_lr \
     "5e-4 sam_rho0.05 0 --lookbehind_method sam --rho 0.05" \
     "5e-4 lookbehind_a0.8_rho0.02 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.02" \
     "5e-4 sam_rho0.005 0 --lookbehind_method sam --rho 0.005" \
     "5e-4 lookbehind_a0.8_rho0.005 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.005"
-  mapfile -t jobs < <(lr_methods 5e-4 1)
-  in_parallel translate_lr "${jobs[@]}"
+  local sam lookbehind
+  sam=$(best_rho sam "$LR_RECORDS/lr5e-4") lookbehind=$(best_rho lookbehind_a0.8 "$LR_RECORDS/lr5e-4")
+  in_parallel translate_lr \
+    "5e-4 lookbehind_a0.8_rho$lookbehind 1 $LOOKBEHIND --lookbehind_alpha 0.8 --rho $lookbehind" \
+    "5e-4 sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
+    "5e-4 lookbehind_adaptive_rho$lookbehind 1 $LOOKBEHIND --lookbehind_adaptive_alpha --rho $lookbehind" \
+    "5e-4 adam 1 --lookbehind_method none"
 }
 
 # ---------------------------------------------------------------------------------- cifar
