@@ -6,6 +6,7 @@
 #   bash scripts/run_cpu_comparisons.sh translation_lr  # the same at lr 5e-4, 1e-3, 2e-3
 #   bash scripts/run_cpu_comparisons.sh cifar         # CIFAR-10 subset: SGD, SAM, ... 2 seeds
 #   bash scripts/run_cpu_comparisons.sh cifar_plateau # the same 250 images, to the plateau
+#   bash scripts/run_cpu_comparisons.sh cifar_noisy   # 40 % label noise: SGD, SAM, Lookbehind
 #   bash scripts/run_cpu_comparisons.sh tables        # the README tables from the finished runs
 #
 # Every run is one process with one thread (OMP_NUM_THREADS=1), so the two tracks can run side by
@@ -69,14 +70,15 @@ in_parallel() {  # FUNCTION JOB...: each JOB is the arguments of one FUNCTION ca
   wait
 }
 
-best_rho() {  # PREFIX [FOLDER]: the rho of the runs FOLDER/PREFIX_rho*_seed0 with the highest
-  "$PYTHON" - "${2:-$TRANSLATION_RUNS}" "$1" <<'EOF'  # validation BLEU
+best_rho() {  # FOLDER PREFIX [METRIC]: the rho of the runs FOLDER/PREFIX_rho*_seed0 with the
+  "$PYTHON" - "$@" <<'EOF'  # highest METRIC in all_results.json (default eval_bleu)
 import json
 import sys
 from pathlib import Path
 
-runs = Path(sys.argv[1]).glob(f"{sys.argv[2]}_rho*_seed0/all_results.json")
-scores = {p.parent.name.split("_rho")[1].split("_seed")[0]: json.loads(p.read_text())["eval_bleu"]
+folder, prefix, metric = (sys.argv[1:] + ["eval_bleu"])[:3]
+runs = Path(folder).glob(f"{prefix}_rho*_seed0/all_results.json")
+scores = {p.parent.name.split("_rho")[1].split("_seed")[0]: json.loads(p.read_text())[metric]
           for p in runs}
 print(max(scores, key=scores.get))
 EOF
@@ -103,7 +105,8 @@ run_translation() {
     "lookbehind_a1_rho0 0 $LOOKBEHIND --lookbehind_alpha 1 --rho 0" \
     "adam 0 --lookbehind_method none" \
     "lookahead_adam_a0.8 0 $LOOKAHEAD_ADAM --lookbehind_alpha 0.8"
-  sam=$(best_rho sam) lookbehind=$(best_rho lookbehind_a0.8) adaptive=$(best_rho lookbehind_adaptive)
+  sam=$(best_rho "$TRANSLATION_RUNS" sam) lookbehind=$(best_rho "$TRANSLATION_RUNS" lookbehind_a0.8)
+  adaptive=$(best_rho "$TRANSLATION_RUNS" lookbehind_adaptive)
   # Seed 1 at each method's best rho (by seed 0's validation BLEU), and Lookbehind-SAM with
   # alpha 1 at its best rho (the slow weights then take the full k inner steps).
   in_parallel translate \
@@ -183,7 +186,7 @@ run_translation_lr() {
     "5e-4 sam_rho0.005 0 --lookbehind_method sam --rho 0.005" \
     "5e-4 lookbehind_a0.8_rho0.005 0 $LOOKBEHIND --lookbehind_alpha 0.8 --rho 0.005"
   local sam lookbehind
-  sam=$(best_rho sam "$LR_RECORDS/lr5e-4") lookbehind=$(best_rho lookbehind_a0.8 "$LR_RECORDS/lr5e-4")
+  sam=$(best_rho "$LR_RECORDS/lr5e-4" sam) lookbehind=$(best_rho "$LR_RECORDS/lr5e-4" lookbehind_a0.8)
   in_parallel translate_lr \
     "5e-4 lookbehind_a0.8_rho$lookbehind 1 $LOOKBEHIND --lookbehind_alpha 0.8 --rho $lookbehind" \
     "5e-4 sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
@@ -250,6 +253,68 @@ run_cifar() {
   done
 }
 
+# ---------------------------------------------------------------------------- cifar_noisy
+# CIFAR-10 with 40 % symmetric label noise (--label_noise 0.4, noise seed 0: the same corrupted
+# labels in every run): ResNet-8 on a fixed random subset of 2,000 training images
+# (scripts/cifar_subset.py, seed 0), 1,000 test images, batch 32, lr 0.05, 60 epochs (3,780
+# steps), lr x0.1 at epochs 30 and 45, flips but no crop, the recipe's paper defaults otherwise
+# (SGD momentum 0.9, weight decay 5e-4); test accuracy and the share of the corrupted labels
+# fitted after every epoch. SGD's test accuracy peaks near epoch 15 and falls as it fits the
+# noise (about 70 % of the corrupted labels by epoch 50): the regime where memorisation matters.
+# Seed 0: SGD and rho 0.05, 0.1, 0.2 for SAM, Lookbehind-SAM (k 2, alpha 0.5) and
+# Lookbehind-SAM with adaptive alpha; then seed 1 of SGD and of each method at its rho with the
+# best final test accuracy of seed 0. A finished run's all_results.json and trainer_state.json
+# are kept in $NOISY_RECORDS (committed), and a run whose record exists is skipped.
+NOISY_RUNS=$RUNS/cifar_noisy
+NOISY_RECORDS=${NOISY_RECORDS:-examples/cifar/noisy_labels}
+NOISY_TRAIN=$RUNS/data/cifar10_train_2000.parquet
+NOISY_COMMON=(
+  --model_name resnet8 --train_path "$NOISY_TRAIN" --validation_path "$CIFAR_TEST"
+  --per_device_train_batch_size 32 --learning_rate 0.05
+  --label_noise 0.4 --label_noise_seed 0 --num_train_epochs 60 --lr_decay_epochs 30 45
+  --crop_padding 0 --eval_strategy epoch --save_strategy no
+  --dataloader_num_workers 0 --report_to none --use_cpu --disable_tqdm true
+)
+NOISY_LOOKBEHIND="--lookbehind_method lookbehind --lookbehind_k 2"
+
+train_noisy() {  # NAME SEED FLAGS...
+  local name=$1 seed=$2
+  local dir=$NOISY_RUNS/$1_seed$2 record=$NOISY_RECORDS/$1_seed$2
+  shift 2
+  [[ -f $record/all_results.json ]] && return
+  mkdir -p "$dir"
+  echo "$(date -u +%H:%M:%S) cifar_noisy $name seed $seed: $*"
+  nice -n 19 "$PYTHON" examples/cifar/run_cifar.py "${NOISY_COMMON[@]}" \
+    --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1 ||
+    { echo "failed: $dir/log.txt" >&2; return 1; }
+  mkdir -p "$record"
+  cp "$dir/all_results.json" "$dir/trainer_state.json" "$record/"
+  printf '%s\n' "$*" >"$record/flags.txt"
+}
+
+run_cifar_noisy() {
+  [[ -f $NOISY_TRAIN ]] ||
+    "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/train.parquet" "$NOISY_TRAIN" --num_rows 2000
+  [[ -f $CIFAR_TEST ]] ||
+    "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/test.parquet" "$CIFAR_TEST" --num_rows 1000
+  local rho jobs=("sgd 0 --lookbehind_method none")
+  for rho in 0.1 0.05 0.2; do
+    jobs+=("sam_rho$rho 0 --lookbehind_method sam --rho $rho"
+      "lookbehind_a0.5_rho$rho 0 $NOISY_LOOKBEHIND --lookbehind_alpha 0.5 --rho $rho"
+      "lookbehind_adaptive_rho$rho 0 $NOISY_LOOKBEHIND --lookbehind_adaptive_alpha --rho $rho")
+  done
+  in_parallel train_noisy "${jobs[@]}"
+  local sam lookbehind adaptive
+  sam=$(best_rho "$NOISY_RECORDS" sam eval_accuracy)
+  lookbehind=$(best_rho "$NOISY_RECORDS" lookbehind_a0.5 eval_accuracy)
+  adaptive=$(best_rho "$NOISY_RECORDS" lookbehind_adaptive eval_accuracy)
+  in_parallel train_noisy \
+    "sgd 1 --lookbehind_method none" \
+    "sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
+    "lookbehind_a0.5_rho$lookbehind 1 $NOISY_LOOKBEHIND --lookbehind_alpha 0.5 --rho $lookbehind" \
+    "lookbehind_adaptive_rho$adaptive 1 $NOISY_LOOKBEHIND --lookbehind_adaptive_alpha --rho $adaptive"
+}
+
 # --------------------------------------------------------------------------------- tables
 finished_runs() {  # FOLDER LAST_FILE PREFIX...: the runs FOLDER/PREFIX*_seed* that have written
   local folder=$1 last_file=$2 prefix run  # their last file, prefixes in order
@@ -278,6 +343,10 @@ tables() {
     "$PYTHON" scripts/summarize_runs.py --kind translation "${runs[@]}"
     echo
   done
+  mapfile -t runs < <(finished_runs "$NOISY_RECORDS" all_results.json sgd sam_rho \
+    lookbehind_a0.5_rho lookbehind_adaptive_rho)
+  [[ ${#runs[@]} -eq 0 ]] || { echo "cifar_noisy" &&
+    "$PYTHON" scripts/summarize_runs.py --kind noisy "${runs[@]}" && echo; }
   local setup
   for setup in cifar cifar_plateau; do
     mapfile -t runs < <(finished_runs "$RUNS/$setup" eval_results.json sgd sam multistep \
@@ -292,6 +361,7 @@ case ${1:-} in
   translation_lr) run_translation_lr ;;
   cifar) run_cifar ;;
   cifar_plateau) CIFAR_SETUP=cifar_plateau run_cifar ;;
+  cifar_noisy) run_cifar_noisy ;;
   tables) tables ;;
-  *) echo "usage: $0 translation|translation_lr|cifar|cifar_plateau|tables" >&2 && exit 2 ;;
+  *) echo "usage: $0 translation|translation_lr|cifar|cifar_plateau|cifar_noisy|tables" >&2 && exit 2 ;;
 esac

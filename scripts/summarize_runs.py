@@ -1,16 +1,19 @@
 """Tables of recipe runs, from what each run wrote (``all_results.json``, ``trainer_state.json``).
 
 CIFAR (default): final and best accuracy, seconds of training per epoch, and that time over the
-first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1). Translation:
+first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1); with label noise
+(``--kind noisy``) also the share of the corrupted training labels the model fits and its
+accuracy on the clean ones, at the end of training. Translation:
 validation and test BLEU, validation loss, seconds per Trainer step, the steps trained and the
 step whose weights were scored (the best checkpoint's, for runs trained to the plateau).
 
     python scripts/summarize_runs.py sgd=out/sgd sam=out/sam lookbehind=out/lb --json t.json
     python scripts/summarize_runs.py --group_seeds out/sgd_seed0 out/sgd_seed1 out/sam_seed0 ...
     python scripts/summarize_runs.py --kind translation out/adam_seed0 out/sam_rho0.1_seed0
+    python scripts/summarize_runs.py --kind noisy out/sgd_seed0 out/sgd_seed1 out/sam_seed0 ...
 
-``--group_seeds`` (always on for translation) makes one row of the runs whose folders differ
-only in a ``_seed<N>`` suffix: the mean over the seeds and each seed's value. ``--curve KEY``
+``--group_seeds`` (always on for translation and noisy) makes one row of the runs whose folders
+differ only in a ``_seed<N>`` suffix: the mean over the seeds and each seed's value. ``--curve KEY``
 adds a second table: KEY (``eval_bleu``, ``eval_loss``, ...) at every step where it was logged,
 mean over the seeds, to show where each run levels off.
 """
@@ -30,6 +33,7 @@ from hf_lookbehind.analysis.sweep import read_metric
 from hf_lookbehind_recipes.tables import markdown_table
 
 COLUMNS = ("eval_accuracy", "best_eval_accuracy", "train_seconds_per_epoch")
+NOISE_COLUMNS = ("noise_fitted", "clean_train_accuracy")
 TRANSLATION_COLUMNS = ("eval_bleu", "test_bleu", "test_sacrebleu", "eval_loss")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 
@@ -52,6 +56,11 @@ def cifar_row(run_dir: str) -> dict[str, float]:
     row["median_seconds_per_epoch"] = statistics.median(epoch_seconds(run_dir)[1:])
     row["last_train_loss"] = last_training_loss(run_dir)
     return row
+
+
+def noisy_row(run_dir: str) -> dict[str, float]:
+    noise = {column: read_metric(run_dir, column) for column in NOISE_COLUMNS}
+    return {**cifar_row(run_dir), **noise}
 
 
 def scored_steps(run_dir: str | Path) -> tuple[int, int]:
@@ -132,6 +141,22 @@ def cifar_markdown(rows: list[dict]) -> str:
     )  # fmt: skip
 
 
+def noisy_markdown(rows: list[dict]) -> str:
+    baseline = rows[0]["median_seconds_per_epoch"]
+    header = ("run", "seeds", "final acc", "best acc", "noise fitted", "clean train acc",
+              "s/epoch (median)", "time vs first")  # fmt: skip
+    return markdown_table(
+        header,
+        [
+            (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_accuracy", 100, 2),
+             _cell(r, "best_eval_accuracy", 100, 2), _cell(r, "noise_fitted", 100, 1),
+             _cell(r, "clean_train_accuracy", 100, 1), _cell(r, "median_seconds_per_epoch", 1, 1),
+             f"{r['median_seconds_per_epoch'] / baseline:.2f}")
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
 def translation_markdown(rows: list[dict]) -> str:
     header = ("run", "seeds", "BLEU val", "BLEU test", "sacreBLEU test", "val loss", "s/step",
               "steps", "scored at step")  # fmt: skip
@@ -172,7 +197,7 @@ def markdown(rows: list[dict[str, float | str]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", nargs="+", metavar="[LABEL=]OUTPUT_DIR")
-    parser.add_argument("--kind", choices=("cifar", "translation"), default="cifar")
+    parser.add_argument("--kind", choices=("cifar", "noisy", "translation"), default="cifar")
     parser.add_argument(
         "--group_seeds",
         action="store_true",
@@ -188,6 +213,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.kind == "translation":
         rows = group_by_seed(args.run_dir, translation_row)
         print(translation_markdown(rows))
+    elif args.kind == "noisy":
+        rows = group_by_seed(args.run_dir, noisy_row)
+        print(noisy_markdown(rows))
     elif args.group_seeds:
         rows = group_by_seed(args.run_dir, cifar_row)
         print(cifar_markdown(rows))
