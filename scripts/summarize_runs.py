@@ -126,32 +126,30 @@ def _cell(row: dict, column: str, scale: float, digits: int) -> str:
     return f"{mean} ({' / '.join(f'{scale * v[column]:.{digits}f}' for v in row['per_seed'])})"
 
 
-def cifar_markdown(rows: list[dict]) -> str:
+# (header, column, scale, digits) of the CIFAR tables' cells
+ACCURACY_CELLS = (("final acc", "eval_accuracy", 100, 2),
+                  ("best acc", "best_eval_accuracy", 100, 2))  # fmt: skip
+NOISE_CELLS = (("noise fitted", "noise_fitted", 100, 1),
+               ("clean train acc", "clean_train_accuracy", 100, 1))  # fmt: skip
+LOSS_CELLS = (("last train loss", "last_train_loss", 1, 3),)
+
+
+def cifar_markdown(rows: list[dict], noise: bool = False) -> str:
+    """The CIFAR table of runs grouped by seed; with ``noise``, the fitted noise and the clean
+    training accuracy take the place of the last training loss."""
+    leading = ACCURACY_CELLS + NOISE_CELLS if noise else ACCURACY_CELLS
+    trailing = () if noise else LOSS_CELLS
     baseline = rows[0]["median_seconds_per_epoch"]
-    header = ("run", "seeds", "final acc", "best acc", "s/epoch (median)", "time vs first",
-              "last train loss")  # fmt: skip
+    header = ("run", "seeds", *(cell[0] for cell in leading), "s/epoch (median)",
+              "time vs first", *(cell[0] for cell in trailing))  # fmt: skip
     return markdown_table(
         header,
         [
-            (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_accuracy", 100, 2),
-             _cell(r, "best_eval_accuracy", 100, 2), _cell(r, "median_seconds_per_epoch", 1, 1),
-             f"{r['median_seconds_per_epoch'] / baseline:.2f}", _cell(r, "last_train_loss", 1, 3))
-            for r in rows
-        ],
-    )  # fmt: skip
-
-
-def noisy_markdown(rows: list[dict]) -> str:
-    baseline = rows[0]["median_seconds_per_epoch"]
-    header = ("run", "seeds", "final acc", "best acc", "noise fitted", "clean train acc",
-              "s/epoch (median)", "time vs first")  # fmt: skip
-    return markdown_table(
-        header,
-        [
-            (r["run"], ", ".join(map(str, r["seeds"])), _cell(r, "eval_accuracy", 100, 2),
-             _cell(r, "best_eval_accuracy", 100, 2), _cell(r, "noise_fitted", 100, 1),
-             _cell(r, "clean_train_accuracy", 100, 1), _cell(r, "median_seconds_per_epoch", 1, 1),
-             f"{r['median_seconds_per_epoch'] / baseline:.2f}")
+            (r["run"], ", ".join(map(str, r["seeds"])),
+             *(_cell(r, *cell[1:]) for cell in leading),
+             _cell(r, "median_seconds_per_epoch", 1, 1),
+             f"{r['median_seconds_per_epoch'] / baseline:.2f}",
+             *(_cell(r, *cell[1:]) for cell in trailing))
             for r in rows
         ],
     )  # fmt: skip
@@ -215,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(translation_markdown(rows))
     elif args.kind == "noisy":
         rows = group_by_seed(args.run_dir, noisy_row)
-        print(noisy_markdown(rows))
+        print(cifar_markdown(rows, noise=True))
     elif args.group_seeds:
         rows = group_by_seed(args.run_dir, cifar_row)
         print(cifar_markdown(rows))
