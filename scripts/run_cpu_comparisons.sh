@@ -84,6 +84,14 @@ print(max(scores, key=scores.get))
 EOF
 }
 
+keep_record() {  # DIR RECORD FLAGS...: a finished run's results, log history and flags in
+  local dir=$1 record=$2  # RECORD (committed; a run whose record exists is skipped)
+  shift 2
+  mkdir -p "$record"
+  cp "$dir/all_results.json" "$dir/trainer_state.json" "$record/"
+  printf '%s\n' "$*" >"$record/flags.txt"
+}
+
 LOOKBEHIND="--lookbehind_method lookbehind --minibatch_switching --lookbehind_k 2"
 LOOKAHEAD_ADAM="--lookbehind_method lookahead --perturbation none --lookbehind_k 2"
 
@@ -155,9 +163,7 @@ translate_lr() {  # LR NAME SEED FLAGS...
     --learning_rate "$lr" --max_steps "$max_steps" --seed "$seed" --output_dir "$dir" "$@" \
     >"$dir/log.txt" 2>&1 || { echo "failed: $dir/log.txt" >&2; return 1; }
   rm -rf "$dir"/checkpoint-*
-  mkdir -p "$record"
-  cp "$dir/all_results.json" "$dir/trainer_state.json" "$record/"
-  printf '%s\n' "$*" >"$record/flags.txt"
+  keep_record "$dir" "$record" "$@"
 }
 
 lr_methods() {  # LR SEED: the five methods of the table at one learning rate
@@ -287,9 +293,13 @@ train_noisy() {  # NAME SEED FLAGS...
   nice -n 19 "$PYTHON" examples/cifar/run_cifar.py "${NOISY_COMMON[@]}" \
     --seed "$seed" --output_dir "$dir" "$@" >"$dir/log.txt" 2>&1 ||
     { echo "failed: $dir/log.txt" >&2; return 1; }
-  mkdir -p "$record"
-  cp "$dir/all_results.json" "$dir/trainer_state.json" "$record/"
-  printf '%s\n' "$*" >"$record/flags.txt"
+  keep_record "$dir" "$record" "$@"
+}
+
+noisy_methods() {  # SEED RHO_SAM RHO_LOOKBEHIND RHO_ADAPTIVE: SAM and Lookbehind-SAM's jobs
+  echo "sam_rho$2 $1 --lookbehind_method sam --rho $2"
+  echo "lookbehind_a0.5_rho$3 $1 $NOISY_LOOKBEHIND --lookbehind_alpha 0.5 --rho $3"
+  echo "lookbehind_adaptive_rho$4 $1 $NOISY_LOOKBEHIND --lookbehind_adaptive_alpha --rho $4"
 }
 
 run_cifar_noisy() {
@@ -297,22 +307,15 @@ run_cifar_noisy() {
     "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/train.parquet" "$NOISY_TRAIN" --num_rows 2000
   [[ -f $CIFAR_TEST ]] ||
     "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/test.parquet" "$CIFAR_TEST" --num_rows 1000
-  local rho jobs=("sgd 0 --lookbehind_method none")
-  for rho in 0.1 0.05 0.2; do
-    jobs+=("sam_rho$rho 0 --lookbehind_method sam --rho $rho"
-      "lookbehind_a0.5_rho$rho 0 $NOISY_LOOKBEHIND --lookbehind_alpha 0.5 --rho $rho"
-      "lookbehind_adaptive_rho$rho 0 $NOISY_LOOKBEHIND --lookbehind_adaptive_alpha --rho $rho")
-  done
+  local rho jobs
+  mapfile -t jobs < <(echo "sgd 0 --lookbehind_method none"
+    for rho in 0.1 0.05 0.2; do noisy_methods 0 "$rho" "$rho" "$rho"; done)
   in_parallel train_noisy "${jobs[@]}"
-  local sam lookbehind adaptive
-  sam=$(best_rho "$NOISY_RECORDS" sam eval_accuracy)
-  lookbehind=$(best_rho "$NOISY_RECORDS" lookbehind_a0.5 eval_accuracy)
-  adaptive=$(best_rho "$NOISY_RECORDS" lookbehind_adaptive eval_accuracy)
-  in_parallel train_noisy \
-    "sgd 1 --lookbehind_method none" \
-    "sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
-    "lookbehind_a0.5_rho$lookbehind 1 $NOISY_LOOKBEHIND --lookbehind_alpha 0.5 --rho $lookbehind" \
-    "lookbehind_adaptive_rho$adaptive 1 $NOISY_LOOKBEHIND --lookbehind_adaptive_alpha --rho $adaptive"
+  mapfile -t jobs < <(echo "sgd 1 --lookbehind_method none"
+    noisy_methods 1 "$(best_rho "$NOISY_RECORDS" sam eval_accuracy)" \
+      "$(best_rho "$NOISY_RECORDS" lookbehind_a0.5 eval_accuracy)" \
+      "$(best_rho "$NOISY_RECORDS" lookbehind_adaptive eval_accuracy)")
+  in_parallel train_noisy "${jobs[@]}"
 }
 
 # --------------------------------------------------------------------------------- tables
