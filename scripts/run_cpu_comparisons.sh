@@ -269,8 +269,8 @@ run_cifar() {
 # 90 % of the corrupted labels by the last epoch): the regime where memorisation matters.
 # Seed 0: SGD and rho 0.05, 0.1, 0.2 for SAM, Lookbehind-SAM (k 2, alpha 0.5) and
 # Lookbehind-SAM with adaptive alpha, and SAM at rho 0.4 too (its best of the three was the
-# largest, while Lookbehind's k = 2 ascents already reach about 2 rho); then seed 1 of SGD and
-# of each method at its rho with the best final test accuracy of seed 0. A finished run's
+# largest, while Lookbehind's k = 2 ascents already reach about 2 rho); then seeds 1 and 2 of
+# SGD and of each method at its rho with the best final test accuracy of seed 0. A finished run's
 # all_results.json and trainer_state.json are kept in $NOISY_RECORDS (committed), and a run
 # whose record exists is skipped.
 NOISY_RUNS=$RUNS/cifar_noisy
@@ -309,15 +309,16 @@ run_cifar_noisy() {
     "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/train.parquet" "$NOISY_TRAIN" --num_rows 2000
   [[ -f $CIFAR_TEST ]] ||
     "$PYTHON" scripts/cifar_subset.py "$DATA/cifar10/test.parquet" "$CIFAR_TEST" --num_rows 1000
-  local rho jobs
+  local rho seed jobs
   mapfile -t jobs < <(echo "sgd 0 --lookbehind_method none"
     for rho in 0.1 0.05 0.2; do noisy_methods 0 "$rho" "$rho" "$rho"; done
     echo "sam_rho0.4 0 --lookbehind_method sam --rho 0.4")
   in_parallel train_noisy "${jobs[@]}"
-  mapfile -t jobs < <(echo "sgd 1 --lookbehind_method none"
-    noisy_methods 1 "$(best_rho "$NOISY_RECORDS" sam eval_accuracy)" \
-      "$(best_rho "$NOISY_RECORDS" lookbehind_a0.5 eval_accuracy)" \
-      "$(best_rho "$NOISY_RECORDS" lookbehind_adaptive eval_accuracy)")
+  local best=("$(best_rho "$NOISY_RECORDS" sam eval_accuracy)"
+    "$(best_rho "$NOISY_RECORDS" lookbehind_a0.5 eval_accuracy)"
+    "$(best_rho "$NOISY_RECORDS" lookbehind_adaptive eval_accuracy)")
+  mapfile -t jobs < <(for seed in 1 2; do
+    echo "sgd $seed --lookbehind_method none" && noisy_methods "$seed" "${best[@]}"; done)
   in_parallel train_noisy "${jobs[@]}"
 }
 
