@@ -3,7 +3,7 @@
 CIFAR (default): final and best accuracy, seconds of training per epoch, and that time over the
 first run's (the baseline; SGD costs 1 pass per step, SAM 2, Lookbehind k + 1); with label noise
 (``--kind noisy``) also the share of the corrupted training labels the model fits and its
-accuracy on the clean ones, at the end of training. Translation:
+accuracy on the clean ones, at the end of training, and the gradient computations. Translation:
 validation and test BLEU, validation loss, seconds per Trainer step, the steps trained and the
 step whose weights were scored (the best checkpoint's, for runs trained to the plateau).
 
@@ -33,7 +33,7 @@ from hf_lookbehind.analysis.sweep import read_metric
 from hf_lookbehind_recipes.tables import markdown_table
 
 COLUMNS = ("eval_accuracy", "best_eval_accuracy", "train_seconds_per_epoch")
-NOISE_COLUMNS = ("noise_fitted", "clean_train_accuracy")
+NOISE_COLUMNS = ("noise_fitted", "clean_train_accuracy", "gradient_computations")
 TRANSLATION_COLUMNS = ("eval_bleu", "test_bleu", "test_sacrebleu", "eval_loss")
 SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 
@@ -120,10 +120,13 @@ def group_by_seed(run_dirs: Sequence[str], read_row) -> list[dict]:
 
 
 def _cell(row: dict, column: str, scale: float, digits: int) -> str:
+    """The value, or for several seeds the mean and each seed's value (one value where they
+    are all the same)."""
     mean = f"{scale * row[column]:.{digits}f}"
-    if len(row.get("per_seed", ())) < 2:
+    per_seed = [f"{scale * v[column]:.{digits}f}" for v in row.get("per_seed", ())]
+    if len(set(per_seed)) < 2:
         return mean
-    return f"{mean} ({' / '.join(f'{scale * v[column]:.{digits}f}' for v in row['per_seed'])})"
+    return f"{mean} ({' / '.join(per_seed)})"
 
 
 # (header, column, scale, digits) of the CIFAR tables' cells
@@ -132,13 +135,15 @@ ACCURACY_CELLS = (("final acc", "eval_accuracy", 100, 2),
 NOISE_CELLS = (("noise fitted", "noise_fitted", 100, 1),
                ("clean train acc", "clean_train_accuracy", 100, 1))  # fmt: skip
 LOSS_CELLS = (("last train loss", "last_train_loss", 1, 3),)
+COST_CELLS = (("gradient computations", "gradient_computations", 1, 0),)
 
 
 def cifar_markdown(rows: list[dict], noise: bool = False) -> str:
     """The CIFAR table of runs grouped by seed; with ``noise``, the fitted noise and the clean
-    training accuracy take the place of the last training loss."""
+    training accuracy come before the times, and the Trainer's gradient computations (the
+    exact cost) take the place of the last training loss."""
     leading = ACCURACY_CELLS + NOISE_CELLS if noise else ACCURACY_CELLS
-    trailing = () if noise else LOSS_CELLS
+    trailing = COST_CELLS if noise else LOSS_CELLS
     baseline = rows[0]["median_seconds_per_epoch"]
     header = ("run", "seeds", *(cell[0] for cell in leading), "s/epoch (median)",
               "time vs first", *(cell[0] for cell in trailing))  # fmt: skip

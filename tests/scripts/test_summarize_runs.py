@@ -46,20 +46,23 @@ def test_cifar_seeds_are_grouped_with_means_and_median_epoch_time(tmp_path, caps
 
 
 def test_noisy_rows_add_the_fitted_noise_and_clean_training_accuracy(tmp_path, capsys):
-    def run(name: str, final: float, fitted: float, clean: float, epoch: float) -> str:
+    def run(name: str, final: float, fitted: float, clean: float, epoch: float, passes: int):
         results = {"eval_accuracy": final, "best_eval_accuracy": final + 0.1,
                    "train_seconds_per_epoch": 0, "noise_fitted": fitted,
-                   "clean_train_accuracy": clean}  # fmt: skip
+                   "clean_train_accuracy": clean, "gradient_computations": passes}  # fmt: skip
         history = [{"train_epoch_seconds": s} for s in (50.0, epoch, epoch)] + [{"loss": 0.5}]
         return write_run(tmp_path / name, results, history)
 
-    runs = [run("sgd_seed0", 0.40, 0.90, 0.99, 2.0), run("sgd_seed1", 0.50, 0.70, 0.97, 2.0),
-            run("sam_seed0", 0.60, 0.125, 0.8, 4.0)]  # fmt: skip
+    runs = [run("sgd_seed0", 0.40, 0.90, 0.99, 2.0, 3780),
+            run("sgd_seed1", 0.50, 0.70, 0.97, 2.0, 3780),
+            run("sam_seed0", 0.60, 0.125, 0.8, 4.0, 7560)]  # fmt: skip
     main(["--kind", "noisy", *runs])
-    assert capsys.readouterr().out.splitlines()[2:] == [
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("| s/epoch (median) | time vs first | gradient computations |")
+    assert lines[2:] == [
         "| sgd | 0, 1 | 45.00 (40.00 / 50.00) | 55.00 (50.00 / 60.00) | 80.0 (90.0 / 70.0) "
-        "| 98.0 (99.0 / 97.0) | 2.0 (2.0 / 2.0) | 1.00 |",
-        "| sam | 0 | 60.00 | 70.00 | 12.5 | 80.0 | 4.0 | 2.00 |",
+        "| 98.0 (99.0 / 97.0) | 2.0 | 1.00 | 3780 |",
+        "| sam | 0 | 60.00 | 70.00 | 12.5 | 80.0 | 4.0 | 2.00 | 7560 |",
     ]
 
 
