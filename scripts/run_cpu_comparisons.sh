@@ -198,6 +198,9 @@ run_translation_lr() {
     "5e-4 sam_rho$sam 1 --lookbehind_method sam --rho $sam" \
     "5e-4 lookbehind_adaptive_rho$lookbehind 1 $LOOKBEHIND --lookbehind_adaptive_alpha --rho $lookbehind" \
     "5e-4 adam 1 --lookbehind_method none"
+  # Seed 1 of the five methods at lr 1e-3, the highest rate where they were level on seed 0.
+  mapfile -t jobs < <(lr_methods 1e-3 1)
+  in_parallel translate_lr "${jobs[@]}"
 }
 
 # ---------------------------------------------------------------------------------- cifar
