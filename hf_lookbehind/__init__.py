@@ -1,27 +1,40 @@
 """Lookbehind-SAM (Mordido et al., ICML 2024) for PyTorch and the Hugging Face Trainer.
 
-The core (:class:`Lookbehind`) needs only torch. The Trainer layer (``LookbehindTrainer``,
+Two layers: the engine (:mod:`hf_lookbehind.engine`: :class:`Lookbehind`, needs only torch) and
+the Trainer layer (:mod:`hf_lookbehind.trainer`: ``LookbehindTrainer``,
 ``LookbehindTrainingArguments``, and ``LookbehindMixin`` with ``LookbehindConfig`` for any
-Trainer subclass) is imported on first use and needs ``transformers``.
+Trainer subclass), imported on first use and needing ``transformers``.
 """
 
 from typing import Any
 
-from .alpha import adaptive_alpha
-from .optimizer import Lookbehind
-from .param_groups import asam_param_groups
-from .perturbation import ASAM, SAM, FisherSAM, Perturbation
-from .settings import METHODS
+from .engine import (
+    ASAM,
+    METHODS,
+    NORM_EPS,
+    SAM,
+    BufferFootprint,
+    FisherSAM,
+    Lookbehind,
+    LookbehindSettings,
+    LookbehindStats,
+    Perturbation,
+    adaptive_alpha,
+    asam_param_groups,
+)
 
 __all__ = [
     "ASAM",
     "METHODS",
+    "NORM_EPS",
     "SAM",
-    "EpochTimer",
+    "BufferFootprint",
     "FisherSAM",
     "Lookbehind",
     "LookbehindConfig",
     "LookbehindMixin",
+    "LookbehindSettings",
+    "LookbehindStats",
     "LookbehindTrainer",
     "LookbehindTrainingArguments",
     "Perturbation",
@@ -30,18 +43,17 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-_TRAINER_LAYER = {
-    "EpochTimer": ".callbacks",
-    "LookbehindConfig": ".training_args",
-    "LookbehindMixin": ".trainer",
-    "LookbehindTrainer": ".trainer",
-    "LookbehindTrainingArguments": ".training_args",
-}
+_TRAINER_LAYER = (
+    "LookbehindConfig",
+    "LookbehindMixin",
+    "LookbehindTrainer",
+    "LookbehindTrainingArguments",
+)
 
 
 def __getattr__(name: str) -> Any:
     if name in _TRAINER_LAYER:
-        import importlib
+        from . import trainer
 
-        return getattr(importlib.import_module(_TRAINER_LAYER[name], __name__), name)
+        return getattr(trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,8 +4,22 @@ that method (the Trainer refuses a setting that would have no effect)."""
 
 from __future__ import annotations
 
-from hf_lookbehind.settings import ALPHA_METHODS
-from hf_lookbehind.training_args import ENGINE_FLAG_DEFAULTS, GIVEN_FLAGS
+import dataclasses
+
+from hf_lookbehind import LookbehindConfig, LookbehindSettings
+
+# The flags the base optimizer alone (``--lookbehind_method none``) does not read.
+ENGINE_FLAGS = frozenset(
+    flag.name
+    for flag in dataclasses.fields(LookbehindConfig)
+    if flag.name
+    not in (
+        "lookbehind_method",
+        "decay_all_parameters",
+        "lookbehind_start_epoch",
+        "lookbehind_end_epoch",
+    )
+)
 
 
 def unread_flags(method: str, adaptive_alpha: bool = False) -> frozenset[str]:
@@ -13,9 +27,9 @@ def unread_flags(method: str, adaptive_alpha: bool = False) -> frozenset[str]:
     slow-weight step or with ``adaptive_alpha`` (eq. 7-8 replaces it), adaptive alpha, its scope
     and minibatch switching outside Lookbehind, and k with SAM (one ascent per step)."""
     if method == "none":
-        return frozenset({*GIVEN_FLAGS, *ENGINE_FLAG_DEFAULTS})
+        return ENGINE_FLAGS
     unread = set()
-    if method not in ALPHA_METHODS or adaptive_alpha:
+    if LookbehindSettings(method=method).alpha is None or adaptive_alpha:
         unread.add("lookbehind_alpha")
     if method != "lookbehind":
         unread.update(("lookbehind_adaptive_alpha", "adaptive_alpha_scope", "minibatch_switching"))

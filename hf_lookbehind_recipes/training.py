@@ -8,11 +8,11 @@ import math
 
 from transformers import Trainer
 
-from hf_lookbehind import EpochTimer
+from hf_lookbehind_recipes.epoch_timer import EpochTimer
 
 
 def train_timed(trainer: Trainer) -> dict[str, float]:
-    """Train (resuming from ``--resume_from_checkpoint``) with an :class:`hf_lookbehind.EpochTimer`:
+    """Train (resuming from ``--resume_from_checkpoint``) with an :class:`EpochTimer`:
     the Trainer's train metrics with ``train_seconds_per_epoch`` (mean over the epochs after the
     first) and ``train_seconds`` (all epochs; evaluations and saves excluded)."""
     timer = EpochTimer()

@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torchvision.models.resnet import BasicBlock, conv1x1
 
 import hf_lookbehind
-from hf_lookbehind import Lookbehind
+from hf_lookbehind import Lookbehind, LookbehindSettings
 
 RHO = 0.05
 STATIC_ALPHA = 0.5
@@ -252,14 +252,12 @@ class Case:
 
     @property
     def calls(self) -> int:
-        return calls_per_outer_step(self.settings)
+        return calls_per_outer_step(LookbehindSettings(**self.settings))
 
 
-def calls_per_outer_step(settings: dict) -> int:
+def calls_per_outer_step(settings: LookbehindSettings) -> int:
     """``step()`` calls of one outer step: k in switching and lookahead mode, else 1."""
-    method = settings.get("method", "lookbehind")
-    cycle = settings.get("minibatch_switching") or method == "lookahead"
-    return settings["k"] if cycle else 1
+    return settings.k if settings.cycles else 1
 
 
 def _case(name: str, method: str, micro_batches: int = 1, **settings) -> Case:
@@ -276,7 +274,7 @@ def benchmark_cases(ks: Sequence[int] = (2, 5)) -> list[Case]:
     """Every method and mode: SAM, ASAM and m-SAM; Lookbehind same-batch, switching and m-SAM
     with static and adaptive alpha; ASAM, clipping and global-scope variants at the first k;
     multistep, multistep_avg and lookahead (SAM, no perturbation; ASAM at the first k)."""
-    m_sam = {"micro_batch_ascent": True, "micro_batches": MICRO_BATCHES}
+    m_sam = {"ascent_sync": "per_micro_batch", "micro_batches": MICRO_BATCHES}
     cases = [
         _case("sam", "sam"),
         _case("asam", "sam", perturbation="asam"),
@@ -304,7 +302,7 @@ def benchmark_cases(ks: Sequence[int] = (2, 5)) -> list[Case]:
         if k == ks[0]:
             cases += [
                 _case(f"{lookbehind} adaptive global", "lookbehind", k=k, adaptive_alpha=True,
-                      adaptive_scope="global"),
+                      adaptive_alpha_scope="global"),
                 _case(f"{lookbehind} asam adaptive", "lookbehind", k=k, adaptive_alpha=True,
                       perturbation="asam"),
                 _case(f"{lookbehind} switching asam", "lookbehind", k=k, perturbation="asam",
@@ -396,7 +394,7 @@ def count_case(case: Case, workload: Workload, warmup: int) -> Count:
     engine = Lookbehind(sgd(model.parameters()), model=model, **case.settings)
     counter = OpCounter()
     closures = [counter.excluding(c) for c in workload.closures(case.micro_batches)]
-    micro_batches = engine.settings["micro_batch_ascent"]
+    micro_batches = engine.settings.micro_batch_ascent
 
     def outer_step() -> None:
         for _ in range(case.calls):

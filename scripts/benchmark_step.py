@@ -7,7 +7,7 @@ update ``O``, then one outer step of each method on the same minibatch:
 * ``lookbehind`` (static alpha 0.5) and ``lookbehind_adaptive`` (eq. 7-8), same-batch mode:
   ``k + 1`` passes and ``k`` updates, floor ``(k + 1)U + kO``;
 * ``lookbehind_switching`` (Sec. 6.2): ``k`` calls of 2 passes each, floor ``2kU + kO``;
-* ``reference``: :class:`hf_lookbehind.reference.ReferenceLookbehind`, the literal 2k-pass
+* ``reference``: :class:`reference_lookbehind.ReferenceLookbehind`, the literal 2k-pass
   transcription of the public code (static alpha); the static-alpha lookbehind rows print
   the engine's speed-up over it, measured in the same run;
 * ``trainer``: the same static-alpha Lookbehind step through ``LookbehindTrainer`` (the
@@ -54,13 +54,13 @@ from pathlib import Path
 
 import timm
 import torch
+from reference_lookbehind import ReferenceLookbehind
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import Dataset
 from transformers import PrinterCallback, TrainerCallback
 
 from hf_lookbehind import Lookbehind
-from hf_lookbehind.reference import ReferenceLookbehind
 from hf_lookbehind_recipes.cifar_models import resnet20, resnet34
 
 MODELS = ("resnet", "vit")
@@ -289,7 +289,7 @@ def outer_step(
             minibatch_switching=case.method == "lookbehind_switching",
             model=model,
         )
-    calls = case.k if engine.settings["minibatch_switching"] else 1
+    calls = case.k if engine.settings.minibatch_switching else 1
 
     def run() -> None:
         for _ in range(calls):

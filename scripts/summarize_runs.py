@@ -39,7 +39,7 @@ SEED_SUFFIX = re.compile(r"_seed(\d+)$")
 
 
 def epoch_seconds(run_dir: str | Path) -> list[float]:
-    """``train_epoch_seconds`` of every epoch (``hf_lookbehind.EpochTimer``'s log entries)."""
+    """``train_epoch_seconds`` of every epoch (the log entries of ``EpochTimer``)."""
     return [entry["train_epoch_seconds"] for entry in load_log_history(run_dir)
             if "train_epoch_seconds" in entry]  # fmt: skip
 

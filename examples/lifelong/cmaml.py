@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from hf_lookbehind.perturbation import NORM_EPS
+from hf_lookbehind import NORM_EPS
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # images, within-task labels, tasks
 Params = dict[str, torch.Tensor]

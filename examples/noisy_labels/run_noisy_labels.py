@@ -29,8 +29,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import HfArgumentParser
 
-from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
-from hf_lookbehind.settings import DEFAULT_ALPHA
+from hf_lookbehind import LookbehindSettings, LookbehindTrainer, LookbehindTrainingArguments
 from hf_lookbehind_recipes.classifier import ImageClassifier
 from hf_lookbehind_recipes.evaluation import check_evaluation_flags, top_k_accuracy
 from hf_lookbehind_recipes.label_noise import check_noise_fraction
@@ -139,7 +138,7 @@ def method_label(method: str, args: LookbehindTrainingArguments) -> str:
     alpha = (
         "adaptive α"
         if args.lookbehind_adaptive_alpha
-        else f"α={args.lookbehind_alpha or DEFAULT_ALPHA}"
+        else f"α={LookbehindSettings(alpha=args.lookbehind_alpha).alpha}"
     )
     return f"Lookbehind-{perturbation} ({alpha})"
 

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..multi_tensor import global_norm
-from ..param_groups import asam_param_groups
+from ..engine import asam_param_groups
+from ..engine.multi_tensor import global_norm
 from .classifier import LossFn, eval_mode, logits_of, model_device, split_batch, to_device
 
 NEIGHBOURHOODS = ("sam", "asam")

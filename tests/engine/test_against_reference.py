@@ -12,9 +12,9 @@ from helpers.models import (
     max_param_difference,
 )
 from helpers.reference import alpha_settings, engine_and_reference
+from reference_lookbehind import ReferenceLookbehind
 
 from hf_lookbehind import Lookbehind
-from hf_lookbehind.reference import ReferenceLookbehind
 
 OUTER_STEPS = 3
 TOLERANCE = 1e-10
@@ -40,7 +40,7 @@ def run_outer_steps(engine, model, reference, reference_model, k, *, same_batch)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_same_batch_lookbehind_matches_reference(optimizer_name, perturbation, alpha, scope, k):
     model = make_model()
-    kwargs = dict(k=k, **alpha_settings(alpha), rho=0.2, asam_eta=0.01, adaptive_scope=scope)
+    kwargs = dict(k=k, **alpha_settings(alpha), rho=0.2, asam_eta=0.01, adaptive_alpha_scope=scope)
     engine, reference, reference_model = engine_and_reference(
         model, optimizer_name, perturbation, kwargs, kwargs
     )

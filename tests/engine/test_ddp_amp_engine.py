@@ -27,7 +27,7 @@ def one_process_m_sam(parts: int) -> list[torch.Tensor]:
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
         k=2,
         rho=0.1,
-        micro_batch_ascent=True,
+        ascent_sync="per_micro_batch",
     )
     size = BATCH // parts
     for x, y in batches():

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 from helpers.models import make_batches
+from reference_lookbehind import ReferenceLookbehind
 from torch import nn
 
 from hf_lookbehind import Lookbehind
-from hf_lookbehind.reference import ReferenceLookbehind
 
 # name: (engine settings, calls per outer step, passes per call)
 CONFIGS = {
@@ -29,8 +29,8 @@ CONFIGS = {
     "asam": (dict(method="sam", perturbation="asam"), 1, 2),
     "multistep": (dict(method="multistep", k=2), 1, 3),
     "multistep_avg": (dict(method="multistep_avg", k=2), 1, 3),
-    "m_sam": (dict(method="sam", micro_batch_ascent=True), 1, 4),
-    "lookbehind_m_sam": (dict(k=2, micro_batch_ascent=True), 1, 6),
+    "m_sam": (dict(method="sam", ascent_sync="per_micro_batch"), 1, 4),
+    "lookbehind_m_sam": (dict(k=2, ascent_sync="per_micro_batch"), 1, 6),
 }
 BATCHNORM = ["none", "first_pass", "every_pass"]
 
@@ -88,7 +88,7 @@ class Closures:
 
     def step(self, engine: Lookbehind, batch) -> torch.Tensor:
         """One engine step on ``batch``; for m-SAM, on its two halves as micro-batches."""
-        if not engine.settings["micro_batch_ascent"]:
+        if not engine.settings.micro_batch_ascent:
             return engine.step(self.one(batch))
         x, y = batch
         return engine.step_micro_batches(
@@ -247,7 +247,7 @@ def test_a_gradient_only_in_the_ascent_pass_moves_nothing(name):
     only pass is a descent)."""
     model, engine, calls, passes = build(name, "first_pass")
     closures = Closures(model)
-    first_passes = {0} if not engine.settings["micro_batch_ascent"] else {0, passes // 2}
+    first_passes = {0} if not engine.settings.micro_batch_ascent else {0, passes // 2}
     closures.aux = lambda index: index % passes in first_passes
     initial = [p.clone() for p in model.aux.parameters()]
     outer_step(engine, closures, make_batches(3 * calls, seed=10))
@@ -267,7 +267,7 @@ def test_m_sam_with_a_gradient_from_a_later_micro_batch_only(method, k):
         settings["alpha"] = 0.5
     engine = Lookbehind(
         torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-        micro_batch_ascent=True,
+        ascent_sync="per_micro_batch",
         **settings,
     )
     reference = ReferenceLookbehind(
@@ -361,11 +361,11 @@ def test_rho_and_alpha_may_change_between_outer_steps_and_are_logged(changes, ca
     """Hyper-parameters that live in the parameter groups (the adaptive switch included) may
     change between outer steps: the new value applies to every group."""
     state, fresh = checkpoint("switching", 2, **changes)
-    with caplog.at_level(logging.WARNING, logger="hf_lookbehind.optimizer"):
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind.engine.optimizer"):
         fresh.load_state_dict(state)
     ((key, value),) = changes.items()
     assert f"resuming with {key}={value!r}" in caplog.text
-    assert fresh.settings[key] == value
+    assert getattr(fresh.settings, key) == value
     assert all(group[f"lookbehind_{key}"] == value for group in fresh.param_groups)
 
 
@@ -373,7 +373,11 @@ def test_rho_and_alpha_may_change_between_outer_steps_and_are_logged(changes, ca
     "name,changes,named",
     [
         ("switching", dict(perturbation="asam"), "perturbation='SAM()' (now 'ASAM(eta=0.01)')"),
-        ("switching_adaptive", dict(adaptive_scope="global"), "adaptive_scope='per_tensor'"),
+        (
+            "switching_adaptive",
+            dict(adaptive_alpha_scope="global"),
+            "adaptive_alpha_scope='per_tensor'",
+        ),
         ("asam", dict(asam_eta=0.1), "perturbation='ASAM(eta=0.01)' (now 'ASAM(eta=0.1)')"),
         ("lookbehind", dict(k=3), "k=2 (now 3)"),
     ],

@@ -50,9 +50,9 @@ def test_micro_batch_ascent_matches_reference(
     optimizer_name, perturbation, method, k, alpha, scope
 ):
     model = make_model()
-    kwargs = dict(method=method, k=k, **alpha_settings(alpha), rho=0.2, adaptive_scope=scope)
+    kwargs = dict(method=method, k=k, **alpha_settings(alpha), rho=0.2, adaptive_alpha_scope=scope)
     engine, reference, reference_model = engine_and_reference(
-        model, optimizer_name, perturbation, {**kwargs, "micro_batch_ascent": True}, kwargs
+        model, optimizer_name, perturbation, {**kwargs, "ascent_sync": "per_micro_batch"}, kwargs
     )
     for batch in make_batches(OUTER_STEPS):
         engine.step_micro_batches(micro_closures(model, batch))
@@ -65,7 +65,9 @@ def test_micro_batch_ascent_matches_reference(
 def test_micro_batches_differ_from_one_ascent_on_the_batch(optimizer_name):
     """The reference check above must be able to tell m-SAM from SAM on the whole batch."""
     per_micro, whole = make_model(), make_model()
-    engine = Lookbehind(OPTIMIZERS[optimizer_name](per_micro.parameters()), micro_batch_ascent=True)
+    engine = Lookbehind(
+        OPTIMIZERS[optimizer_name](per_micro.parameters()), ascent_sync="per_micro_batch"
+    )
     plain = Lookbehind(OPTIMIZERS[optimizer_name](whole.parameters()))
     for batch in make_batches(OUTER_STEPS):
         engine.step_micro_batches(micro_closures(per_micro, batch))
@@ -80,7 +82,7 @@ def test_micro_batches_differ_from_one_ascent_on_the_batch(optimizer_name):
         dict(method="sam"),
         dict(k=2, alpha=0.5),
         dict(k=3, adaptive_alpha=True),
-        dict(k=2, adaptive_alpha=True, adaptive_scope="global", perturbation="asam"),
+        dict(k=2, adaptive_alpha=True, adaptive_alpha_scope="global", perturbation="asam"),
     ],
 )
 def test_one_micro_batch_is_todays_step(kwargs, max_grad_norm):
@@ -89,7 +91,9 @@ def test_one_micro_batch_is_todays_step(kwargs, max_grad_norm):
     only changes the last bits of the recomputed ascent norm."""
     micro, today = make_model(), make_model()
     settings = dict(rho=0.2, max_grad_norm=max_grad_norm, **kwargs)
-    engine = Lookbehind(OPTIMIZERS["sgd"](micro.parameters()), micro_batch_ascent=True, **settings)
+    engine = Lookbehind(
+        OPTIMIZERS["sgd"](micro.parameters()), ascent_sync="per_micro_batch", **settings
+    )
     plain = Lookbehind(OPTIMIZERS["sgd"](today.parameters()), **settings)
     for batch in make_batches(OUTER_STEPS):
         engine.step_micro_batches(micro_closures(micro, batch, parts=1))
@@ -102,7 +106,7 @@ def test_one_micro_batch_is_todays_step(kwargs, max_grad_norm):
 def test_passes_and_gradient_computations(method, k):
     model = make_model()
     engine = Lookbehind(
-        OPTIMIZERS["sgd"](model.parameters()), method=method, k=k, micro_batch_ascent=True
+        OPTIMIZERS["sgd"](model.parameters()), method=method, k=k, ascent_sync="per_micro_batch"
     )
     calls = []
     closures = [
@@ -125,18 +129,24 @@ def test_passes_and_gradient_computations(method, k):
 @pytest.mark.parametrize("parts", [2, 8])
 def test_memory_does_not_grow_with_the_number_of_micro_batches(kwargs, buffers, parts):
     model = make_model()
-    engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()), micro_batch_ascent=True, **kwargs)
+    engine = Lookbehind(
+        OPTIMIZERS["sgd"](model.parameters()), ascent_sync="per_micro_batch", **kwargs
+    )
     for batch in make_batches(2):
         engine.step_micro_batches(micro_closures(model, batch, parts=parts))
-    trainable = [p for p in model.parameters() if p.grad is not None]
-    assert {len(engine._lookbehind_state[p]) for p in trainable} == {buffers}
+    params = list(model.parameters())
+    trainable = sum(p.numel() for p in params if p.grad is not None)
+    total = sum(p.numel() for p in params)
+    sums = kwargs.get("k", 1)  # gradient-shaped: only for parameters with a gradient
+    expected = ((buffers - sums) * total + sums * trainable) / total
+    assert engine.buffer_footprint().parameter_copies == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("method", ["sam", "lookbehind"])
 def test_a_non_finite_micro_batch_discards_the_step(method):
     model = make_model()
     engine = Lookbehind(
-        OPTIMIZERS["sgd"](model.parameters()), method=method, micro_batch_ascent=True
+        OPTIMIZERS["sgd"](model.parameters()), method=method, ascent_sync="per_micro_batch"
     )
     batch = make_batches(1)[0]
     engine.step_micro_batches(micro_closures(model, batch))
@@ -161,34 +171,19 @@ def test_a_non_finite_micro_batch_discards_the_step(method):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(method="multistep"), "micro_batch_ascent"),
-        (dict(method="lookahead"), "micro_batch_ascent"),
+        (dict(method="multistep"), "per_micro_batch"),
+        (dict(method="lookahead"), "per_micro_batch"),
         (dict(minibatch_switching=True), "minibatch_switching"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, message):
     model = make_model()
     with pytest.raises(ValueError, match=message):
-        Lookbehind(OPTIMIZERS["sgd"](model.parameters()), micro_batch_ascent=True, **kwargs)
-
-
-def test_step_with_a_sequence_of_closures_is_the_deprecated_spelling():
-    """``step([closures])`` still runs m-SAM, with a FutureWarning: the same step as
-    ``step_micro_batches``, bit for bit."""
-    deprecated, current = make_model(), make_model()
-    engine = Lookbehind(OPTIMIZERS["sgd"](deprecated.parameters()), micro_batch_ascent=True)
-    twin_engine = Lookbehind(OPTIMIZERS["sgd"](current.parameters()), micro_batch_ascent=True)
-    for batch in make_batches(OUTER_STEPS):
-        with pytest.warns(FutureWarning, match="call step_micro_batches"):
-            engine.step(micro_closures(deprecated, batch))
-        twin_engine.step_micro_batches(micro_closures(current, batch))
-    assert max_param_difference(deprecated, current) == 0.0
-    assert max_param_difference(deprecated, make_model()) > 1e-3  # the weights did move
-    assert engine.stats().gradient_computations == twin_engine.stats().gradient_computations
+        Lookbehind(OPTIMIZERS["sgd"](model.parameters()), ascent_sync="per_micro_batch", **kwargs)
 
 
 def test_a_sequence_of_closures_needs_micro_batch_ascent():
     model = make_model()
     engine = Lookbehind(OPTIMIZERS["sgd"](model.parameters()))
-    with pytest.raises(TypeError, match="micro_batch_ascent=True"):
+    with pytest.raises(TypeError, match="step_micro_batches"):
         engine.step(micro_closures(model, make_batches(1)[0]))

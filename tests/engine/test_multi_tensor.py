@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_lookbehind.alpha import adaptive_alpha
-from hf_lookbehind.multi_tensor import (
+from hf_lookbehind.engine.alpha import adaptive_alpha
+from hf_lookbehind.engine.multi_tensor import (
     in_parts,
     local_square_sums,
     per_tensor_norms,
@@ -16,7 +16,7 @@ from hf_lookbehind.multi_tensor import (
     select_,
     zero_nonfinite_,
 )
-from hf_lookbehind.perturbation import _scale_by_asam_factor_
+from hf_lookbehind.engine.perturbation import _scale_by_asam_factor_
 
 SPECIALS = [float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-40, -3.5, 2.0**100]
 

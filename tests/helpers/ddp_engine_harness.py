@@ -51,7 +51,7 @@ def train(mode: str) -> list[list[float]]:
     if mode == "per_device":
         engine = Lookbehind(base, k=2, rho=0.1, ascent_sync="per_device")
     else:
-        engine = Lookbehind(base, k=2, rho=0.1, micro_batch_ascent=True)
+        engine = Lookbehind(base, k=2, rho=0.1, ascent_sync="per_micro_batch")
     share = BATCH // world
     for x, y in batches():
         x, y = x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share]

@@ -20,7 +20,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from hf_lookbehind import Lookbehind, asam_param_groups
-from hf_lookbehind._schedules import BUFFERS
+from hf_lookbehind.engine.schedules import BUFFERS
 
 STEPS, BATCH = 6, 16
 
@@ -28,13 +28,13 @@ SETUPS = {
     "lookbehind_sam": dict(k=2, alpha=0.5),
     "lookbehind_adaptive_per_tensor": dict(k=3, adaptive_alpha=True),
     "lookbehind_adaptive_global_asam": dict(
-        k=3, adaptive_alpha=True, adaptive_scope="global", perturbation="asam", rho=0.5
+        k=3, adaptive_alpha=True, adaptive_alpha_scope="global", perturbation="asam", rho=0.5
     ),
     "switching_asam_weights_only_adamw": dict(
         k=2, minibatch_switching=True, perturbation="asam", rho=0.5, groups="asam", base="adamw"
     ),
     "switching_adaptive_global": dict(
-        k=3, adaptive_alpha=True, adaptive_scope="global", minibatch_switching=True
+        k=3, adaptive_alpha=True, adaptive_alpha_scope="global", minibatch_switching=True
     ),
     "sam": dict(method="sam"),
     "asam_weights_only": dict(method="sam", perturbation="asam", rho=0.5, groups="asam"),
@@ -159,17 +159,17 @@ def train(model, engine, batches, part):
 
 
 def sharding_facts(model: nn.Module, engine: Lookbehind) -> dict:
-    """Whether every parameter is a sharded DTensor, and the local sizes on this rank."""
+    """Whether every parameter is a sharded DTensor, and the local sizes on this rank (the
+    buffers' from the engine's footprint, which counts each rank's local shards)."""
     params = list(model.parameters())
-    buffers = [t for state in engine._lookbehind_state.values() for t in state.values()]
+    local_param_numel = sum(p.to_local().numel() for p in params)
     return {
         "all_sharded_dtensors": all(
             isinstance(p, DTensor) and all(pl.is_shard() for pl in p.placements) for p in params
         ),
-        "buffers_are_dtensors": all(isinstance(t, DTensor) for t in buffers),
-        "local_param_numel": sum(p.to_local().numel() for p in params),
+        "local_param_numel": local_param_numel,
         "full_param_numel": sum(p.numel() for p in params),
-        "local_buffer_numel": sum(t.to_local().numel() for t in buffers),
+        "local_buffer_numel": round(engine.buffer_footprint().parameter_copies * local_param_numel),
     }
 
 

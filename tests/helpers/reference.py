@@ -1,11 +1,12 @@
-"""The engine and :class:`hf_lookbehind.reference.ReferenceLookbehind`, the literal 2k-pass
+"""The engine and :class:`reference_lookbehind.ReferenceLookbehind`, the literal 2k-pass
 transcription of Algorithm 1, on twin models."""
 
 from __future__ import annotations
 
+from reference_lookbehind import ReferenceLookbehind
+
 from helpers.models import OPTIMIZERS, twin
 from hf_lookbehind import Lookbehind, asam_param_groups
-from hf_lookbehind.reference import ReferenceLookbehind
 
 
 def alpha_settings(alpha: float | str) -> dict:

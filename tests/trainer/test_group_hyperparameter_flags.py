@@ -5,14 +5,12 @@ run equals the plain loop that sets the same values before every step."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 from helpers.trainer_harness import make_model, make_trainer, sequential_closures
 from transformers import HfArgumentParser, TrainerCallback
 
-from hf_lookbehind import Lookbehind, LookbehindConfig, LookbehindTrainingArguments
+from hf_lookbehind import Lookbehind, LookbehindTrainingArguments
 
 
 def parse(tmp_path, *flags: str) -> LookbehindTrainingArguments:
@@ -22,18 +20,11 @@ def parse(tmp_path, *flags: str) -> LookbehindTrainingArguments:
     return args
 
 
-def test_the_adaptive_switch_and_its_older_spelling_give_the_same_engine(tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new spelling warns about nothing
-        switch = parse(tmp_path, "--lookbehind_adaptive_alpha")
-    with pytest.warns(FutureWarning, match="--lookbehind_adaptive_alpha"):
-        older = parse(tmp_path, "--lookbehind_alpha", "adaptive")
-    assert (older.lookbehind_alpha, older.lookbehind_adaptive_alpha) == (None, True)
-    assert older.lookbehind_kwargs() == switch.lookbehind_kwargs()
+def test_the_adaptive_switch_is_a_flag_of_its_own(tmp_path):
+    switch = parse(tmp_path, "--lookbehind_adaptive_alpha")
     assert switch.lookbehind_kwargs()["adaptive_alpha"] is True
-    with pytest.warns(FutureWarning):
-        config = LookbehindConfig(lookbehind_alpha="Adaptive")
-    assert config.lookbehind_adaptive_alpha is True
+    with pytest.raises(SystemExit):  # argparse: alpha is a number
+        parse(tmp_path, "--lookbehind_alpha", "adaptive")
 
 
 def test_alpha_is_a_number_on_the_command_line(tmp_path):

@@ -126,7 +126,7 @@ def test_resume_across_the_switch_is_bit_identical(tmp_path, window, checkpoint)
             dict(
                 lookbehind_end_epoch=1, baseline_method="multistep", ascent_sync="per_micro_batch"
             ),
-            "micro_batch_ascent",
+            "per_micro_batch",
         ),
     ],
 )

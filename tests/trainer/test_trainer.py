@@ -33,7 +33,7 @@ from hf_lookbehind import (
     LookbehindTrainingArguments,
     asam_param_groups,
 )
-from hf_lookbehind.trainer import _TrainerLookbehind
+from hf_lookbehind.trainer.engine import TrainerEngine
 
 HARNESS = HELPERS / "trainer_harness.py"
 
@@ -259,12 +259,15 @@ def test_resume_from_a_checkpoint_continues_bit_identically(tmp_path, mode):
         assert torch.equal(saved[name], p.detach())
     if MODES[mode].get("minibatch_switching"):
         assert five_steps.lookbehind.cycle_position == 5 % MODES[mode]["lookbehind_k"] != 0
-        fast = five_steps.lookbehind._lookbehind_state[five_steps.model.fc1.weight]
-        assert not torch.equal(fast["lookbehind_fast"], saved["fc1.weight"])
+        engine = five_steps.lookbehind
+        params = [p for group in engine.param_groups for p in group["params"]]
+        index = next(i for i, p in enumerate(params) if p is five_steps.model.fc1.weight)
+        fast = engine.state_dict()["state"][index]["lookbehind_fast"]
+        assert not torch.equal(fast, saved["fc1.weight"])
 
 
 def trainer_warnings(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "hf_lookbehind.trainer"]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("hf_lookbehind.trainer")]
 
 
 @pytest.mark.parametrize("mode", ["switching", "lookahead_sam"])
@@ -363,7 +366,7 @@ def test_the_trainer_drives_the_accelerators_grad_scaler(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=2)
     trainer.train()
-    assert trainer.lookbehind._grad_scaler is trainer.accelerator.scaler
+    assert trainer.lookbehind.grad_scaler is trainer.accelerator.scaler
     assert trainer.optimizer.scaler is None  # accelerate's own scaler step is switched off
     assert trainer.accelerator.scaler.get_scale() == 2.0 ** (8 + 6 * 3 // 2)
     expected = plain_loop(make_model(), 16, 6, **engine_kwargs({}))
@@ -374,9 +377,9 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     """The fp16 path on the CPU: every pass is unscaled and updates the scale; an injected inf
     in any pass leaves the slow weights untouched, and the scaler backs off."""
     model = make_model()
-    engine = _TrainerLookbehind(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
+    engine = TrainerEngine(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
-    engine.drive_grad_scaler(scaler)  # as the Trainer hands it the accelerator's scaler
+    engine.grad_scaler = scaler  # as the Trainer hands it the accelerator's scaler
     dataset = ToyDataset()
     calls = [0]
 
@@ -411,7 +414,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
     [
         (dict(lookbehind_method="adam"), "unknown lookbehind_method 'adam'"),
         (dict(lookbehind_k=0), "k must be an integer >= 1"),
-        (dict(lookbehind_alpha="1.5"), r"alpha must be a number in \(0, 1\]"),
+        (dict(lookbehind_alpha=1.5), r"alpha must be a number in \(0, 1\]"),
         (dict(lookbehind_alpha="fast"), r"alpha must be a number in \(0, 1\], got 'fast'"),
         (dict(rho=-1.0), "rho must be a finite number >= 0"),
         (dict(asam_eta=-1.0), "asam_eta must be a finite number >= 0"),
@@ -421,7 +424,7 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
             "unknown ascent_sync 'ring'; allowed: global, per_device, per_micro_batch",
         ),
         (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),
-        (dict(adaptive_alpha_scope="layer"), "unknown adaptive_scope 'layer'"),
+        (dict(adaptive_alpha_scope="layer"), "unknown adaptive_alpha_scope 'layer'"),
         (dict(lookbehind_method="sam", lookbehind_k=3), "method='sam' takes k=1"),
         (
             dict(minibatch_switching=True, lookbehind_method="multistep", lookbehind_k=2),
@@ -477,16 +480,16 @@ def test_arguments_parse_from_the_command_line():
     )  # fmt: skip
     engine = built_engine(args)
     settings = engine.settings
-    assert (settings["k"], settings["adaptive_alpha"], settings["rho"], settings["asam_eta"]) == (
+    assert (settings.k, settings.adaptive_alpha, settings.rho, settings.asam_eta) == (
         5, True, 0.5, 0.01
     )  # fmt: skip
-    assert settings["minibatch_switching"] and settings["perturbation"] == "asam"
+    assert settings.minibatch_switching and settings.perturbation == "asam"
     assert all(
         (group["lookbehind_rho"], group["lookbehind_adaptive_alpha"]) == (0.5, True)
         for group in engine.param_groups
     )
     static = built_engine(parse_command_line("--lookbehind_alpha", "0.8"))
-    assert static.settings["alpha"] == 0.8 and static.settings["adaptive_alpha"] is False
+    assert static.settings.alpha == 0.8 and static.settings.adaptive_alpha is False
     assert all(group["lookbehind_alpha"] == 0.8 for group in static.param_groups)
 
 
@@ -498,12 +501,12 @@ def test_flags_not_given_take_the_engines_defaults():
     assert args.lookbehind_adaptive_alpha is False
     engine = built_engine(args)
     settings = engine.settings
-    assert (settings["k"], settings["alpha"], settings["rho"], settings["batchnorm_update"]) == (
+    assert (settings.k, settings.alpha, settings.rho, settings.batchnorm_update) == (
         2, 0.5, 0.05, "first_pass"
     )  # fmt: skip
-    assert settings["adaptive_alpha"] is False
+    assert settings.adaptive_alpha is False
     # not read: SAM, static
-    assert settings["asam_eta"] is None and settings["adaptive_scope"] is None
+    assert settings.asam_eta is None and settings.adaptive_alpha_scope is None
 
 
 @pytest.mark.parametrize(
@@ -511,15 +514,18 @@ def test_flags_not_given_take_the_engines_defaults():
     [
         # A bad value is named as such, whatever the method.
         (dict(lookbehind_method="none", rho=-1.0), "rho must be a finite number >= 0"),
-        (dict(lookbehind_method="none", lookbehind_alpha="7"), r"alpha must be a number in \(0"),
+        (dict(lookbehind_method="none", lookbehind_alpha=7.0), r"alpha must be a number in \(0"),
         (dict(lookbehind_method="none", asam_eta=-1.0), "asam_eta must be a finite number"),
-        (dict(lookbehind_method="none", adaptive_alpha_scope="ring"), "unknown adaptive_scope"),
+        (
+            dict(lookbehind_method="none", adaptive_alpha_scope="ring"),
+            "unknown adaptive_alpha_scope",
+        ),
         (dict(lookbehind_method="none", lookbehind_k=0), "k must be an integer >= 1"),
         (dict(lookbehind_method="none", perturbation="gsam"), "unknown perturbation 'gsam'"),
         # The base optimizer alone reads no Lookbehind flag, at its default value or not.
         (
-            dict(lookbehind_method="none", rho=0.05, lookbehind_alpha="0.8"),
-            "--lookbehind_alpha 0.8, --rho 0.05: no effect with --lookbehind_method none",
+            dict(lookbehind_method="none", rho=0.05, lookbehind_alpha=0.8),
+            "--rho 0.05, --lookbehind_alpha 0.8: no effect with --lookbehind_method none",
         ),
         (dict(lookbehind_method="none", batchnorm_update="every_pass"), "--batchnorm_update"),
         (dict(lookbehind_method="none", minibatch_switching=True), "--minibatch_switching True"),
@@ -528,10 +534,10 @@ def test_flags_not_given_take_the_engines_defaults():
         (dict(lookbehind_method="none", asam_weights_only=False), "--asam_weights_only False"),
         # A method that does not read a flag given otherwise than at its default.
         (
-            dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha="0.8"),
+            dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha=0.8),
             "alpha=0.8 has no effect: method='sam'",
         ),
-        (dict(adaptive_alpha_scope="global"), "adaptive_scope='global' has no effect"),
+        (dict(adaptive_alpha_scope="global"), "adaptive_alpha_scope='global' has no effect"),
         (dict(asam_eta=0.1), "asam_eta=0.1 has no effect"),
         (dict(asam_weights_only=False), "--asam_weights_only false has no effect: --perturbation"),
         (
@@ -548,7 +554,7 @@ def test_flags_without_effect_are_refused(tmp_path, overrides, message):
 @pytest.mark.parametrize(
     "overrides,flag",
     [
-        (dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha="0.5"), "alpha 0.5"),
+        (dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha=0.5), "alpha 0.5"),
         (dict(adaptive_alpha_scope="per_tensor"), "--adaptive_alpha_scope per_tensor"),
         (dict(asam_eta=0.01), "--asam_eta 0.01"),
         (dict(baseline_method="multistep"), "--baseline_method multistep"),

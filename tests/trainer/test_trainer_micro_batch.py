@@ -18,7 +18,7 @@ from hf_lookbehind import Lookbehind
 HARNESS = HELPERS / "trainer_harness.py"
 MODES = {
     "sam": dict(lookbehind_method="sam", lookbehind_k=None),
-    "lookbehind": dict(lookbehind_k=2, lookbehind_alpha="0.8"),
+    "lookbehind": dict(lookbehind_k=2, lookbehind_alpha=0.8),
     "lookbehind_adaptive_asam": dict(
         lookbehind_k=3, lookbehind_adaptive_alpha=True, perturbation="asam", asam_weights_only=False
     ),
@@ -72,7 +72,8 @@ def test_accumulation_micro_batches_are_the_m_sam_micro_batches(tmp_path, mode):
     )
     global_ascent.train()
     assert max_param_difference(trainer.model, global_ascent.model) > 1e-6  # m-SAM is not SAM
-    assert trainer.lookbehind.stats().gradient_computations == STEPS * (trainer.lookbehind.k + 1)
+    passes = STEPS * (trainer.lookbehind.settings.k + 1)
+    assert trainer.lookbehind.stats().gradient_computations == passes
 
 
 @pytest.mark.parametrize("mode", ["sam", "lookbehind"])
@@ -110,5 +111,5 @@ def test_two_processes_equal_one_with_the_same_micro_batches(tmp_path):
     ],
 )
 def test_per_micro_batch_needs_sam_or_same_batch_lookbehind(tmp_path, flags):
-    with pytest.raises(ValueError, match="micro_batch_ascent"):
+    with pytest.raises(ValueError, match="per_micro_batch"):
         make_args(tmp_path, ascent_sync="per_micro_batch", **flags)

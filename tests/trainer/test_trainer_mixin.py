@@ -109,7 +109,7 @@ def test_a_bad_lookbehind_config_is_refused_when_it_is_built():
     with pytest.raises(ValueError, match="unknown lookbehind_method"):
         LookbehindConfig(lookbehind_method="lookbehindd")
     with pytest.raises(ValueError, match="alpha"):
-        LookbehindConfig(lookbehind_method="sam", lookbehind_alpha="0.8")
+        LookbehindConfig(lookbehind_method="sam", lookbehind_alpha=0.8)
 
 
 def test_the_command_line_parses_trainer_arguments_and_lookbehind_settings(tmp_path):

@@ -337,7 +337,7 @@ def test_a_rebuilt_config_keeps_the_lookbehind_settings(tmp_path):
     )
     assert isinstance(trainer.args, SFTConfig)
     train(trainer)
-    assert (trainer.lookbehind.k, trainer.lookbehind.settings["rho"]) == (3, 0.2)
+    assert (trainer.lookbehind.settings.k, trainer.lookbehind.settings.rho) == (3, 0.2)
     assert all(group["lookbehind_rho"] == 0.2 for group in trainer.lookbehind.param_groups)
     assert trainer.lookbehind.stats().gradient_computations == 4
 

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 import torch
 
 from .multi_tensor import global_norm, in_parts, local_square_sums
-from .sharding import is_sharded, local_shards, sum_over_shards
+from .sharding import any_sharded, local_shards, sum_over_shards
 
 # Added to the ascent norm, as in the public SAM/ASAM/Lookbehind code, so that a zero
 # gradient gives a zero perturbation instead of 0/0.
@@ -74,10 +74,9 @@ class Perturbation:
         if isinstance(rho, (int, float)):
             torch._foreach_mul_(local_grads, rho / (norm + NORM_EPS))
         else:
-            by_radius: dict[float, list[torch.Tensor]] = {}
-            for radius, grad in zip(rho, local_grads, strict=True):
-                by_radius.setdefault(float(radius), []).append(grad)
-            for radius, group in by_radius.items():  # one kernel per distinct radius
+            rho = list(rho)
+            for radius in dict.fromkeys(rho):  # one kernel per distinct radius
+                group = [g for g, r in zip(local_grads, rho, strict=True) if r == radius]
                 torch._foreach_mul_(group, radius / (norm + NORM_EPS))
         torch._foreach_add_(local_shards(params), local_grads)
 
@@ -140,7 +139,7 @@ class FisherSAM(Perturbation):
             sums += local_square_sums(fisher)
         dtype = torch.float64 if any(t.dtype == torch.float64 for t in sums) else torch.float32
         partial = torch.stack([t.to(dtype) for t in sums])
-        if any(is_sharded(g) for g in grads):
+        if any_sharded(grads):
             partial = sum_over_shards(partial, grads)
         return partial.sum().sqrt()
 

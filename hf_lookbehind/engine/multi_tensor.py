@@ -1,10 +1,11 @@
-"""Multi-tensor helpers shared by the engine: norms, storage swaps, masked selection.
+"""Multi-tensor helpers shared by the engine: norms, masked selection, the non-finite gate.
 
 Every helper works on lists of tensors with ``torch._foreach_*`` kernels (one call per list and
-dtype, so the work dispatched does not grow with the number of tensors), never reads a tensor
-value on the host, and allocates nothing parameter-sized: a temporary covers at most
-``1 / TEMPORARY_PARTS`` of the tensors' elements (plus one tensor) at a time. FSDP2 parameters
-(``DTensor`` shards) are handled on their local shards (see :mod:`hf_lookbehind.sharding`).
+dtype, so the work dispatched does not grow with the number of tensors), does no Python call per
+tensor (attribute reads and comprehensions only), never reads a tensor value on the host, and
+allocates nothing parameter-sized: a temporary covers at most ``1 / TEMPORARY_PARTS`` of the
+tensors' elements (plus one tensor) at a time. FSDP2 parameters (``DTensor`` shards) are
+handled on their local shards (see :mod:`hf_lookbehind.engine.sharding`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .sharding import is_sharded, local_shards, sum_over_shards
+from .sharding import any_sharded, local_shards, sum_over_shards
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Integers as wide as a floating-point element: zero_nonfinite_ gates the bit patterns.
@@ -23,10 +24,14 @@ TEMPORARY_PARTS = 4
 
 def by_dtype(tensors: Sequence[torch.Tensor]) -> dict[torch.dtype, list[int]]:
     """Indices of ``tensors`` grouped by dtype (a multi-tensor kernel takes one dtype)."""
-    groups: dict[torch.dtype, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        groups.setdefault(tensor.dtype, []).append(index)
-    return groups
+    dtypes = [t.dtype for t in tensors]
+    if not dtypes:
+        return {}
+    if dtypes.count(dtypes[0]) == len(dtypes):
+        return {dtypes[0]: list(range(len(dtypes)))}
+    return {
+        dtype: [i for i, d in enumerate(dtypes) if d is dtype] for dtype in dict.fromkeys(dtypes)
+    }
 
 
 def in_parts(tensors: Sequence[torch.Tensor], parts: int = TEMPORARY_PARTS) -> Iterator[slice]:
@@ -61,13 +66,21 @@ def _per_tensor(
 ) -> list[torch.Tensor]:
     """``reduce`` (``torch._foreach_norm`` or ``torch._foreach_powsum``, order 2) of each
     tensor, one call per dtype, accumulated in float32 for half precision, in the order of
-    ``tensors``, cast to float64 if any tensor is float64 (else they are float32)."""
+    ``tensors``, cast to float64 if any tensor is float64 (else they are float32); complex
+    tensors are reduced over their real and imaginary parts."""
     groups = by_dtype(tensors)
-    result_dtype = torch.float64 if torch.float64 in groups else torch.float32
+    wide = torch.float64 in groups or torch.complex128 in groups
+    result_dtype = torch.float64 if wide else torch.float32
+    if len(groups) == 1 and next(iter(groups)) in (torch.float32, torch.float64):
+        values = reduce(list(tensors), 2)
+        return values if values[0].dtype == result_dtype else [v.to(result_dtype) for v in values]
     results: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for dtype, indices in groups.items():
         accumulate = torch.float32 if dtype in _LOW_PRECISION else None
-        values = reduce([tensors[i] for i in indices], 2, dtype=accumulate)
+        group = [tensors[i] for i in indices]
+        if dtype.is_complex:
+            group = [torch.view_as_real(t) for t in group]
+        values = reduce(group, 2, dtype=accumulate)
         if values[0].dtype != result_dtype:
             values = [value.to(result_dtype) for value in values]
         for i, value in zip(indices, values, strict=True):
@@ -75,14 +88,16 @@ def _per_tensor(
     return results
 
 
-def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """L2 norm of each tensor, as one float32 (or float64) vector on the tensors' device. A
-    sharded tensor's norm is that of the whole tensor: local norms, one all-reduce."""
+def per_tensor_norms(tensors: Sequence[torch.Tensor], sharded: bool = False) -> torch.Tensor:
+    """L2 norm of each tensor, as one float32 (or float64) vector on the tensors' device.
+    ``sharded``: some tensors are FSDP2 shards, whose norm is that of the whole tensor (local
+    norms, one all-reduce)."""
     if not tensors:
         raise ValueError("per_tensor_norms needs at least one tensor")
-    sharded = any(is_sharded(t) for t in tensors)
+    if not sharded:
+        return torch.stack(_per_tensor(torch._foreach_norm, tensors))
     stacked = torch.stack(_per_tensor(torch._foreach_norm, local_shards(tensors)))
-    return sum_over_shards(stacked.square(), tensors).sqrt() if sharded else stacked
+    return sum_over_shards(stacked.square(), tensors).sqrt()
 
 
 def local_square_sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -91,56 +106,33 @@ def local_square_sums(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return _per_tensor(torch._foreach_powsum, local_shards(tensors))
 
 
-def global_norm(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One L2 norm over all tensors (the SAM norm ``||g||_2`` of eq. 3)."""
-    return torch.linalg.vector_norm(per_tensor_norms(tensors))
-
-
-def swap_storage(params: Sequence[torch.Tensor], state: dict, key: str) -> None:
-    """Exchange the storage of every parameter with the buffer ``state[p][key]``.
-
-    This is O(1) per tensor: no arithmetic, so values never pass through a rounding round trip.
-    An FSDP2 parameter keeps its storage (FSDP2 all-gathers from its own reference to the
-    shard), so the local shards exchange values with the buffers' instead: three copies, through
-    a temporary of at most a part of the shards at a time (:func:`in_parts`), still exact.
-    """
-    sharded = []
-    for p in params:
-        if is_sharded(p):
-            sharded.append(p)
-        else:
-            state[p][key], p.data = p.data, state[p][key]
-    values = local_shards(sharded)
-    others = local_shards([state[p][key] for p in sharded])
-    for part in in_parts(values):
-        held = scratch_like(values[part])
-        torch._foreach_copy_(held, values[part])
-        torch._foreach_copy_(values[part], others[part])
-        torch._foreach_copy_(others[part], held)
-
-
-def rotate_storage(params: Sequence[torch.Tensor], state: dict, first: str, second: str) -> None:
-    """Three-way storage rotation: ``p <- state[first] <- state[second] <- p``."""
-    for p in params:
-        param_state = state[p]
-        moved_out = p.data
-        p.data = param_state[first]
-        param_state[first] = param_state[second]
-        param_state[second] = moved_out
-
-
-def copy_into_buffers(params: Sequence[torch.Tensor], state: dict, key: str) -> None:
-    """``state[p][key] <- p`` for every parameter, allocating the buffer the first time."""
-    missing = [p for p in params if key not in state[p]]
-    for p in missing:  # a DTensor for an FSDP2 parameter: sharded like it
-        state[p][key] = torch.empty_like(p, memory_format=torch.preserve_format)
-    copy_values_([state[p][key] for p in params], [p.data for p in params])
+def global_norm(tensors: Sequence[torch.Tensor], sharded: bool | None = None) -> torch.Tensor:
+    """One L2 norm over all tensors (the SAM norm ``||g||_2`` of eq. 3); ``sharded=None``
+    looks whether any tensor is an FSDP2 shard."""
+    if sharded is None:
+        sharded = any_sharded(tensors)
+    return torch.linalg.vector_norm(per_tensor_norms(tensors, sharded))
 
 
 def copy_values_(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
     """``destination <- source`` for every pair (shard by shard for FSDP2 parameters)."""
     if destinations:
         torch._foreach_copy_(local_shards(destinations), local_shards(sources))
+
+
+def _as_integers(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The local shards of ``tensors`` viewed as integers of their element width, one list per
+    dtype (complex tensors as their real and imaginary parts)."""
+    local = local_shards(tensors)
+    views = []
+    for dtype, indices in by_dtype(local).items():
+        width = dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
+        integer = _SAME_WIDTH_INTEGER[width]
+        if dtype.is_complex:
+            views.append([torch.view_as_real(local[i]).view(integer) for i in indices])
+        else:
+            views.append([local[i].view(integer) for i in indices])
+    return views
 
 
 def zero_nonfinite_(grads: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
@@ -151,10 +143,8 @@ def zero_nonfinite_(grads: Sequence[torch.Tensor], keep: torch.Tensor) -> None:
 
     ``NaN * 0`` is NaN, so the gate multiplies the bit patterns instead, viewed as integers of
     the same width: exact for 0 and 1, one multi-tensor kernel per dtype."""
-    bits = [torch.view_as_real(g) if g.is_complex() else g for g in local_shards(grads)]
-    for dtype, indices in by_dtype(bits).items():
-        integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
-        torch._foreach_mul_([bits[i].view(integer) for i in indices], keep.to(integer))
+    for views in _as_integers(grads):
+        torch._foreach_mul_(views, keep.to(views[0].dtype))
 
 
 def select_(
@@ -164,12 +154,8 @@ def select_(
     bit for bit (NaN and inf included); ``sources`` are overwritten (scratch). Integer views of
     the same width: ``t * (1 - take) + s * take`` with one device scalar per kernel, so each
     multi-tensor kernel covers the whole list, and nothing is read on the host."""
-    targets, sources = local_shards(targets), local_shards(sources)
-    for dtype, indices in by_dtype(targets).items():
-        integer = _SAME_WIDTH_INTEGER[dtype.itemsize]
-        kept = [targets[i].view(integer) for i in indices]
-        taken = [sources[i].view(integer) for i in indices]
-        chosen = take.to(integer)
+    for kept, taken in zip(_as_integers(targets), _as_integers(sources), strict=True):
+        chosen = take.to(kept[0].dtype)
         torch._foreach_mul_(taken, chosen)
         torch._foreach_mul_(kept, 1 - chosen)
         torch._foreach_add_(kept, taken)

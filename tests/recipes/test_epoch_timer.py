@@ -12,7 +12,9 @@ import pytest
 from helpers.trainer_harness import SAMPLES, ToyDataset, make_args, make_model
 from transformers import TrainerCallback
 
-from hf_lookbehind import EpochTimer, LookbehindTrainer, callbacks
+from hf_lookbehind import LookbehindTrainer
+from hf_lookbehind_recipes import epoch_timer as callbacks
+from hf_lookbehind_recipes.epoch_timer import EpochTimer
 
 STEP_SECONDS, EVALUATION_SECONDS = 1.0, 100.0
 

@@ -150,8 +150,8 @@ def newest_complete_checkpoint(output_dir: str) -> str:
 
 def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A Lookbehind state dict as the base optimizer alone would have written it: without the
-    engine's buffers and run state (``lookbehind_*``: entries of the per-parameter state, the
-    ``state["lookbehind_run"]`` entry, and, in older checkpoints, entries of the groups) and the
+    engine's buffers, run state and hyper-parameters (``lookbehind_*``: entries of the
+    per-parameter state, the ``state["lookbehind_run"]`` entry and the groups' entries) and the
     groups' ``asam_scale``. Returns it and the names of the dropped entries."""
     dropped: set[str] = set()
 
@@ -172,9 +172,3 @@ def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, An
         "param_groups": [keep(group) for group in state_dict["param_groups"]],
     }
     return stripped, sorted(dropped)
-
-
-def cycles(settings: dict[str, Any]) -> bool:
-    """Whether a setup spreads an outer step over k Trainer steps (a cycle that checkpoints
-    may cut): minibatch switching and lookahead."""
-    return settings["method"] == "lookahead" or bool(settings["minibatch_switching"])

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-Closure = Callable[[], torch.Tensor]
+from ..engine import Closure
 
 
 @dataclass

@@ -36,14 +36,14 @@ class ReferenceLookbehind:
         rho: float = 0.05,
         perturbation: str = "sam",
         asam_eta: float = 0.01,
-        adaptive_scope: str = "per_tensor",
+        adaptive_alpha_scope: str = "per_tensor",
         asam_scaled: Sequence[bool] | None = None,
     ) -> None:
         self.optimizer = base_optimizer
         self.params = [p for g in base_optimizer.param_groups for p in g["params"]]
         self.method, self.k, self.alpha, self.rho = method, k, alpha, rho
         self.adaptive = adaptive_alpha
-        self.perturbation, self.eta, self.scope = perturbation, asam_eta, adaptive_scope
+        self.perturbation, self.eta, self.scope = perturbation, asam_eta, adaptive_alpha_scope
         self.scaled = list(asam_scaled) if asam_scaled is not None else [True] * len(self.params)
 
     # --- the ascent step of the public SAM/ASAM code -----------------------------------------

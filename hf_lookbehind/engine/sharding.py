@@ -26,9 +26,15 @@ def is_sharded(tensor: torch.Tensor) -> bool:
     return DTensor is not None and isinstance(tensor, DTensor)
 
 
+def any_sharded(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether any of ``tensors`` is a ``DTensor`` (no Python call per tensor)."""
+    return DTensor is not None and [t for t in tensors if t.__class__ is DTensor] != []
+
+
 def local_shards(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor's local shard (a view of its storage); plain tensors are returned as is."""
-    return [t.to_local() if is_sharded(t) else t for t in tensors]
+    """Each tensor's local shard (a view of its storage); plain tensors are returned as is,
+    without a Python call per tensor."""
+    return [t.to_local() if t.__class__ is DTensor else t for t in tensors]
 
 
 def _shard_layout(tensor: torch.Tensor):
@@ -52,6 +58,8 @@ def sum_over_shards(partial: torch.Tensor, tensors: Sequence[torch.Tensor]) -> t
     """``partial[..., i]`` is a sum over the local shard of ``tensors[i]``; return the sums over
     the whole tensors. One all-reduce per sharding layout (one under FSDP2), none when no
     tensor is sharded."""
+    if not any_sharded(tensors):
+        return partial
     layouts: dict = {}
     for index, tensor in enumerate(tensors):
         layout = _shard_layout(tensor)

@@ -1,4 +1,4 @@
-"""Control over which forward passes update BatchNorm running statistics."""
+"""Control over which forward passes update BatchNorm running statistics, and their guard."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .multi_tensor import select_
 
 BATCHNORM_UPDATES = ("first_pass", "every_pass")
+_STATISTICS = ("running_mean", "running_var")
 
 
 def batchnorm_modules(model: nn.Module | None) -> list[_BatchNorm]:
@@ -25,14 +26,15 @@ def batchnorm_modules(model: nn.Module | None) -> list[_BatchNorm]:
 def frozen_running_stats(modules: list[_BatchNorm]) -> Iterator[None]:
     """Train-mode BatchNorm that normalises with batch statistics but leaves ``running_mean``,
     ``running_var`` and ``num_batches_tracked`` untouched."""
-    tracking = [m.track_running_stats for m in modules]
-    for m in modules:
-        m.track_running_stats = False
+    settings = [m.__dict__ for m in modules]
+    tracking = [entries["track_running_stats"] for entries in settings]
+    for entries in settings:
+        entries["track_running_stats"] = False
     try:
         yield
     finally:
-        for m, was_tracking in zip(modules, tracking, strict=True):
-            m.track_running_stats = was_tracking
+        for entries, was_tracking in zip(settings, tracking, strict=True):
+            entries["track_running_stats"] = was_tracking
 
 
 class RunningStatsGuard:
@@ -40,11 +42,12 @@ class RunningStatsGuard:
     when the step is skipped (a non-finite value) or fails (an exception), so that such a step
     leaves the whole model as it was. A few multi-tensor kernels per step whatever the number
     of layers, and no host read: the floating-point statistics are selected bit for bit
-    (:func:`~hf_lookbehind.multi_tensor.select_`), and the batch counters lose the passes of
-    the step that counted them."""
+    (:func:`~hf_lookbehind.engine.multi_tensor.select_`), and the batch counters lose the passes
+    of the step that counted them."""
 
     def __init__(self, modules: list[_BatchNorm]) -> None:
         self.modules = modules
+        self._buffers = [m._buffers for m in modules]  # read anew each step: .to() replaces them
         self.floats: list[torch.Tensor] = []
         self.counters: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
@@ -52,23 +55,21 @@ class RunningStatsGuard:
         self.tracked_passes = 0
 
     def save(self) -> None:
-        """Copy the statistics (read from the modules each time: ``model.to()`` replaces them)."""
-        buffers = [
-            b
-            for m in self.modules
-            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-            if b is not None
-        ]
-        self.floats = [b for b in buffers if b.is_floating_point()]
-        self.counters = [b for b in buffers if not b.is_floating_point()]
+        """Copy the statistics."""
+        statistics = [b[name] for b in self._buffers for name in _STATISTICS]
+        counters = [b["num_batches_tracked"] for b in self._buffers]
+        self.floats = [t for t in statistics if t is not None]
+        self.counters = [t for t in counters if t is not None]
         self._saved = torch._foreach_clone(self.floats) if self.floats else []
         # For an exception, which may come after a forward pass counted but before it returned.
         self._saved_counters = torch._foreach_clone(self.counters) if self.counters else []
         self.tracked_passes = 0
 
-    def count_pass(self) -> None:
-        """A pass of the step updated the statistics (each adds one to the batch counters)."""
+    def counted_pass(self) -> list[torch.Tensor]:
+        """A pass of the step updated the statistics (each adds one to the batch counters):
+        the statistics, for the non-finite check."""
         self.tracked_passes += 1
+        return self.floats
 
     def restore(self, drop: torch.Tensor | None = None) -> None:
         """Put the saved statistics back: all of them, or, with ``drop`` (a 0-d bool device

@@ -22,7 +22,7 @@ try:
 except ImportError:  # a torch built without torch.distributed
     dist = None
 
-ASCENT_SYNCS = ("global", "per_device")
+ASCENT_SYNCS = ("global", "per_device", "per_micro_batch")
 
 
 def world_size() -> int:

@@ -1,0 +1,79 @@
+"""The parameters as the engine works on them, prepared once: :class:`Layout`.
+
+Everything that depends only on the parameters (their order, ASAM flags and groups, whether any
+is an FSDP2 shard) is computed when the layout is built: at construction, ``add_param_group``,
+``load_state_dict``, and when the groups' parameter lists were replaced (accelerate's FSDP2
+preparation) or a parameter's dtype or device changed between steps (``model.double()``,
+``model.to(...)``). A step does no Python call per tensor for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .multi_tensor import copy_values_, in_parts, scratch_like
+from .sharding import any_sharded, local_shards
+
+
+class Layout:
+    """Every parameter of every group, in ``state_dict`` order, with what a step reads of it.
+
+    Buffers are lists of tensors in the same order (one per parameter), so a step indexes them
+    by position, never by a tensor."""
+
+    def __init__(self, param_groups: Sequence[dict[str, Any]]) -> None:
+        self.lists = [g["params"] for g in param_groups]
+        self.params: list[torch.Tensor] = [p for g in param_groups for p in g["params"]]
+        self.scaled: list[bool] = [bool(g["asam_scale"]) for g in param_groups for _ in g["params"]]
+        self.group_of: list[int] = [i for i, g in enumerate(param_groups) for _ in g["params"]]
+        self.sharded = any_sharded(self.params)
+        self.dtypes = [p.dtype for p in self.params]
+        self.devices = [p.device for p in self.params]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def current(self, param_groups: Sequence[dict[str, Any]]) -> bool:
+        """Whether the groups still hold the parameter lists the layout was built for, with the
+        same dtypes and devices."""
+        lists = [g["params"] for g in param_groups]
+        if len(lists) != len(self.lists) or not all([a is b for a, b in zip(lists, self.lists)]):
+            return False
+        params = self.params
+        dtypes, devices = [p.dtype for p in params], [p.device for p in params]
+        return dtypes == self.dtypes and devices == self.devices
+
+    def values(self) -> list[torch.Tensor]:
+        """The parameters' values (``p.data``)."""
+        return [p.data for p in self.params]
+
+    def allocate(self) -> list[torch.Tensor]:
+        """A new buffer: one uninitialised tensor like each parameter (sharded like it)."""
+        return [torch.empty_like(p, memory_format=torch.preserve_format) for p in self.params]
+
+    def copy_of_values(self, buffer: list[torch.Tensor] | None) -> list[torch.Tensor]:
+        """``buffer <- p`` for every parameter, allocating the buffer when it is None."""
+        buffer = self.allocate() if buffer is None else buffer
+        copy_values_(buffer, self.values())
+        return buffer
+
+    def swap(self, buffer: list[torch.Tensor]) -> None:
+        """Exchange every parameter's storage with its tensor in ``buffer``: O(1) per tensor, no
+        arithmetic, so values never pass through a rounding round trip. An FSDP2 parameter keeps
+        its storage (FSDP2 all-gathers from its own reference to the shard), so its local shard
+        exchanges values with the buffer's instead: three exact copies, through a temporary of
+        at most a part of the shards at a time."""
+        if not self.sharded:
+            for index, p in enumerate(self.params):
+                buffer[index], p.data = p.data, buffer[index]
+            return
+        values, others = local_shards(self.params), local_shards(buffer)
+        for part in in_parts(values):
+            held = scratch_like(values[part])
+            torch._foreach_copy_(held, values[part])
+            torch._foreach_copy_(values[part], others[part])
+            torch._foreach_copy_(others[part], held)
