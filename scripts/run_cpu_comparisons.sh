@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU comparisons of the methods on small budgets (examples/translation/README.md and
-# examples/cifar/README.md):
+# examples/cifar/README.md; the committed run records are in results/, see results/README.md):
 #
 #   bash scripts/run_cpu_comparisons.sh translation   # Multi30k: Adam, SAM, Lookahead, Lookbehind
 #   bash scripts/run_cpu_comparisons.sh translation_lr  # the same at lr 5e-4, 1e-3, 2e-3
@@ -136,7 +136,7 @@ run_translation() {
 # run's all_results.json and trainer_state.json are kept in $LR_RECORDS (committed), and a run
 # whose record exists is skipped, so the study continues where it stopped.
 LR_RUNS=$RUNS/translation_lr
-LR_RECORDS=${LR_RECORDS:-examples/translation/lr_study}
+LR_RECORDS=${LR_RECORDS:-results/translation_lr_study}
 LR_COMMON=(
   --data_dir "$TRANSLATION_DATA" --validation_split val --test_split test_2016_flickr
   --max_train_samples 5000 --bpe_vocab_size 2000 --subword_dir "$RUNS/data/subwords_multi30k_5k"
@@ -279,7 +279,7 @@ run_cifar() {
 # all_results.json and trainer_state.json are kept in $NOISY_RECORDS (committed), and a run
 # whose record exists is skipped.
 NOISY_RUNS=$RUNS/cifar_noisy
-NOISY_RECORDS=${NOISY_RECORDS:-examples/cifar/noisy_labels}
+NOISY_RECORDS=${NOISY_RECORDS:-results/cifar_noisy_labels}
 NOISY_TRAIN=$RUNS/data/cifar10_train_2000.parquet
 NOISY_COMMON=(
   --model_name resnet8 --train_path "$NOISY_TRAIN" --validation_path "$CIFAR_TEST"
