@@ -32,14 +32,14 @@ def fresh_run_state(run: dict[str, Any], settings: LookbehindSettings) -> dict[s
     run.setdefault("skipped_steps", None)
     run.setdefault("last_alpha", None)
     run.setdefault("gradient_computations", 0)
-    run["config"] = settings.record()
+    run["settings"] = settings.record()
     return run
 
 
 def saved_record(state_dict: dict[str, Any]) -> dict[str, Any] | None:
     """The setup record a state dict was written with, or None for a base optimizer's own."""
     run = state_dict["state"].get(RUN_STATE)
-    return None if run is None else run.get("config")
+    return None if run is None else run.get("settings")
 
 
 def pack(

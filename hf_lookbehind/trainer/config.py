@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 from transformers.training_args import OptimizerNames
 
 from ..engine import LookbehindSettings
@@ -81,11 +81,25 @@ def check_sharding(
         raise ValueError("fp16 loss scaling is not supported under FSDP2; use --bf16")
 
 
+UPDATES_IN_BACKWARD = (
+    "updates the weights inside the backward pass (per-layer hooks), so every pass of a "
+    "Lookbehind step would move them, perturbed passes included, and the engine could neither "
+    "keep the slow weights nor undo a failed step; use its whole-model form (galore_adamw, "
+    "apollo_adamw, adamw_torch, ...) or train with it alone (--lookbehind_method none)"
+)
+
+
 def check_base_optimizer_name(optim: str, lookbehind_method: str) -> None:
-    """Refuse a schedule-free ``--optim`` under the engine (see :data:`SCHEDULE_FREE`)."""
+    """Refuse an ``--optim`` the engine cannot wrap: schedule-free (see :data:`SCHEDULE_FREE`),
+    and the optimizers that update inside the backward pass (layer-wise GaLore/APOLLO, LOMO,
+    AdaLomo)."""
     name = OptimizerNames(optim).value
-    if lookbehind_method != "none" and name.startswith("schedule_free"):
+    if lookbehind_method == "none":
+        return
+    if name.startswith("schedule_free"):
         raise ValueError(f"--optim {name}: {SCHEDULE_FREE}")
+    if name.endswith("layerwise") or name in ("lomo", "adalomo"):
+        raise ValueError(f"--optim {name} {UPDATES_IN_BACKWARD}")
 
 
 def _flag(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -193,6 +207,13 @@ class LookbehindConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent is not None:  # a TrainingArguments subclass: its own checks first
             parent()
+        self.apply_flags({})
+
+    def apply_flags(self, values: dict[str, Any]) -> None:
+        """Set the Lookbehind flags of ``values`` (a hyper-parameter search trial's, say) and
+        validate the setup they give, as when the config is built."""
+        for name, value in values.items():
+            setattr(self, name, value)
         for flag in dataclasses.fields(LookbehindConfig):
             allowed = flag.metadata.get("choices")
             value = getattr(self, flag.name)
@@ -344,3 +365,49 @@ class LookbehindTrainingArguments(LookbehindConfig, TrainingArguments):
         return super().lookbehind_kwargs(
             self.max_grad_norm if max_grad_norm is None else max_grad_norm
         )
+
+
+def refuse_regenerated_batches(trainer_class: type) -> None:
+    """Every pass of a step must see the same batch: a trainer with a ``_prepare_inputs`` of
+    its own (TRL's on-policy trainers generate completions there and hand out one buffered
+    batch per call) is refused before any work."""
+    if trainer_class._prepare_inputs is not Trainer._prepare_inputs:
+        raise ValueError(
+            f"{trainer_class.__name__} has a _prepare_inputs of its own (on-policy trainers "
+            "such as TRL's GRPOTrainer, RLOOTrainer and DistillationTrainer generate "
+            "completions there and hand out one buffered batch per call), so the passes of a "
+            "Lookbehind step would not see one batch; LookbehindMixin trains on the dataset's "
+            "batches (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, DPOTrainer, KTOTrainer, "
+            "RewardTrainer)"
+        )
+
+
+def rebuilt_arguments_message(trainer_class: type, error: TypeError) -> str:
+    return (
+        f"{trainer_class.__name__} rebuilt the LookbehindTrainingArguments given as args into a "
+        f"config class of its own, which has no Lookbehind fields ({error}); give it that class "
+        "(SFTConfig for SFTTrainer, DPOConfig for DPOTrainer, ...) as args and the Lookbehind "
+        "settings as lookbehind=LookbehindConfig(...)"
+    )
+
+
+def lookbehind_config(
+    args: Any, lookbehind: LookbehindConfig | None, trainer_class: type
+) -> LookbehindConfig:
+    """The settings given as ``lookbehind=``, or those of LookbehindTrainingArguments given as
+    ``args``: exactly one of the two."""
+    inside = isinstance(args, LookbehindConfig)
+    if lookbehind is not None and inside:
+        raise ValueError(
+            f"{trainer_class.__name__}: the Lookbehind settings were given twice, in "
+            f"{type(args).__name__} and as lookbehind=; give them once"
+        )
+    if lookbehind is None and not inside:
+        raise TypeError(
+            f"{trainer_class.__name__} needs the Lookbehind settings: "
+            "lookbehind=LookbehindConfig(...) beside its arguments, or "
+            f"LookbehindTrainingArguments as args (got {type(args).__name__})"
+        )
+    if lookbehind is not None and not isinstance(lookbehind, LookbehindConfig):
+        raise TypeError(f"lookbehind must be a LookbehindConfig, got {type(lookbehind).__name__}")
+    return lookbehind if lookbehind is not None else args

@@ -43,6 +43,7 @@ its own shard of the engine's state. FSDP1 and DeepSpeed are refused.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -57,6 +58,9 @@ from .config import (
     LookbehindTrainingArguments,
     check_base_optimizer_name,
     check_sharding,
+    lookbehind_config,
+    rebuilt_arguments_message,
+    refuse_regenerated_batches,
 )
 from .engine import TrainerEngine
 from .passes import FrozenForwards, ReferenceInBatch, StepPasses, frozen_modules
@@ -76,52 +80,6 @@ def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
             if params:
                 groups.append({**group, "params": params, "asam_scale": scaled})
     optimizer.param_groups = groups
-
-
-def refuse_regenerated_batches(trainer_class: type) -> None:
-    """Every pass of a step must see the same batch: a trainer with a ``_prepare_inputs`` of
-    its own (TRL's on-policy trainers generate completions there and hand out one buffered
-    batch per call) is refused before any work."""
-    if trainer_class._prepare_inputs is not Trainer._prepare_inputs:
-        raise ValueError(
-            f"{trainer_class.__name__} has a _prepare_inputs of its own (on-policy trainers "
-            "such as TRL's GRPOTrainer, RLOOTrainer and DistillationTrainer generate "
-            "completions there and hand out one buffered batch per call), so the passes of a "
-            "Lookbehind step would not see one batch; LookbehindMixin trains on the dataset's "
-            "batches (Trainer, Seq2SeqTrainer, TRL's SFTTrainer, DPOTrainer, KTOTrainer, "
-            "RewardTrainer)"
-        )
-
-
-def rebuilt_arguments_message(trainer_class: type, error: TypeError) -> str:
-    return (
-        f"{trainer_class.__name__} rebuilt the LookbehindTrainingArguments given as args into a "
-        f"config class of its own, which has no Lookbehind fields ({error}); give it that class "
-        "(SFTConfig for SFTTrainer, DPOConfig for DPOTrainer, ...) as args and the Lookbehind "
-        "settings as lookbehind=LookbehindConfig(...)"
-    )
-
-
-def lookbehind_config(
-    args: Any, lookbehind: LookbehindConfig | None, trainer_class: type
-) -> LookbehindConfig:
-    """The settings given as ``lookbehind=``, or those of LookbehindTrainingArguments given as
-    ``args``: exactly one of the two."""
-    inside = isinstance(args, LookbehindConfig)
-    if lookbehind is not None and inside:
-        raise ValueError(
-            f"{trainer_class.__name__}: the Lookbehind settings were given twice, in "
-            f"{type(args).__name__} and as lookbehind=; give them once"
-        )
-    if lookbehind is None and not inside:
-        raise TypeError(
-            f"{trainer_class.__name__} needs the Lookbehind settings: "
-            "lookbehind=LookbehindConfig(...) beside its arguments, or "
-            f"LookbehindTrainingArguments as args (got {type(args).__name__})"
-        )
-    if lookbehind is not None and not isinstance(lookbehind, LookbehindConfig):
-        raise TypeError(f"lookbehind must be a LookbehindConfig, got {type(lookbehind).__name__}")
-    return lookbehind if lookbehind is not None else args
 
 
 class LookbehindMixin(CheckpointResume):
@@ -187,6 +145,30 @@ class LookbehindMixin(CheckpointResume):
                 "dataset on its own. On a machine without GPUs pass --use_cpu (DDP over gloo); "
                 "otherwise check that every process sees its GPU."
             )
+
+    def _hp_search_setup(self, trial: Any) -> None:
+        """A hyper-parameter search trial sets the Lookbehind flags of its parameters (``rho``,
+        ``lookbehind_alpha``, ...) on the Lookbehind settings, whichever object holds them;
+        the Trainer sets the others on its arguments. The trial's engine is built from them."""
+        if trial is None:
+            return super()._hp_search_setup(trial)
+        names = {flag.name for flag in dataclasses.fields(LookbehindConfig)}
+        hp_space, taken = self.hp_space, {}
+
+        def without_lookbehind_flags(params: dict[str, Any]) -> dict[str, Any]:
+            taken.update({key: value for key, value in params.items() if key in names})
+            return {key: value for key, value in params.items() if key not in names}
+
+        if isinstance(trial, dict):  # ray and wandb hand over the parameters themselves
+            trial = without_lookbehind_flags(trial)
+        elif trial is not None and hp_space is not None:
+            self.hp_space = lambda optuna_trial: without_lookbehind_flags(hp_space(optuna_trial))
+        try:
+            super()._hp_search_setup(trial)
+        finally:
+            self.hp_space = hp_space
+        if taken:
+            self.lookbehind_config.apply_flags(taken)
 
     # -------------------------------------------------------------------------- optimizer
     @property

@@ -100,6 +100,6 @@ def test_a_second_engine_on_one_base_optimizer_takes_it_over():
     second = Lookbehind(base, method="sam")
     assert second.cycle_position == 0
     second.step(closure_for(model, batches[1]))
-    assert second.state_dict()["state"]["lookbehind_run"]["config"]["method"] == "sam"
+    assert second.state_dict()["state"]["lookbehind_run"]["settings"]["method"] == "sam"
     with pytest.raises(RuntimeError, match="another Lookbehind engine was built on this"):
         first.step(closure_for(model, batches[2]))

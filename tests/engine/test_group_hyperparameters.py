@@ -229,42 +229,11 @@ def test_run_state_lives_in_state_and_not_in_the_groups():
     assert run["cycle_position"] == 1 and run["gradient_computations"] == 2
     group_keys = {key for group in engine.param_groups for key in group}
     assert {"lookbehind_rho", "lookbehind_alpha", "lookbehind_adaptive_alpha"} <= group_keys
-    assert not any("cycle" in key or "config" in key for key in group_keys)
+    assert not any("cycle" in key or "settings" in key for key in group_keys)
     shown = repr(engine)
     assert "lookbehind_rho: 0.05" in shown and "cycle" not in shown
     saved = engine.state_dict()
     assert saved["state"]["lookbehind_run"]["cycle_position"] == 1
-
-
-def legacy_layout(state_dict: dict) -> dict:
-    """The state dict as engines before the run state moved out of the groups wrote it: the
-    run state in ``param_groups[0]`` under ``lookbehind_*`` names, the setup recorded with
-    ``alpha="adaptive"`` and an ``adaptive`` flag, and no hyper-parameter entries."""
-    saved = copy.deepcopy(state_dict)
-    run = saved["state"].pop("lookbehind_run")
-    config = dict(run["config"])
-    adaptive = config.pop("adaptive_alpha")
-    config["adaptive"] = bool(adaptive)
-    if adaptive:
-        config["alpha"] = "adaptive"
-    groups = []
-    for group in saved["param_groups"]:
-        groups.append(
-            {
-                k: v
-                for k, v in group.items()
-                if k not in ("lookbehind_rho", "lookbehind_alpha", "lookbehind_adaptive_alpha")
-            }
-        )
-    groups[0].update(
-        lookbehind_cycle_position=run["cycle_position"],
-        lookbehind_cycle_nonfinite=run["cycle_nonfinite"],
-        lookbehind_skipped_steps=run["skipped_steps"],
-        lookbehind_last_alpha=run["last_alpha"],
-        lookbehind_gradient_computations=run["gradient_computations"],
-        lookbehind_config=config,
-    )
-    return {**saved, "param_groups": groups}
 
 
 def test_a_resumed_run_keeps_its_scheduled_values_unless_the_constructor_changed(caplog):

@@ -124,7 +124,7 @@ def test_checkpoints_name_the_variant_with_its_settings():
     engine.step(closure_for(model, make_batches(1)[0]))  # mid-cycle: every setting must match
     state = engine.state_dict()
     assert engine.settings.record()["perturbation"] == "FisherSAM(eta=0.5)"
-    assert state["state"]["lookbehind_run"]["config"]["perturbation"] == "FisherSAM(eta=0.5)"
+    assert state["state"]["lookbehind_run"]["settings"]["perturbation"] == "FisherSAM(eta=0.5)"
     same = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation=FisherSAM(0.5))
     same.load_state_dict(state)
     other = Lookbehind(sgd(model), k=2, minibatch_switching=True, perturbation="fisher")

@@ -317,6 +317,29 @@ def test_a_schedule_free_optimizer_name_is_refused_when_the_arguments_are_built(
         )
 
 
+@pytest.mark.parametrize(
+    "optim", ["galore_adamw_layerwise", "apollo_adamw_layerwise", "lomo", "adalomo"]
+)
+def test_an_optimizer_that_updates_inside_backward_is_refused_before_any_weight_moves(
+    tmp_path, optim
+):
+    """Layer-wise GaLore/APOLLO and LOMO step inside the backward hooks: each pass would move
+    the weights. They are refused when the arguments are built, or, given apart from the
+    arguments, when the trainer is built."""
+    with pytest.raises(ValueError, match=f"--optim {optim} updates the weights inside"):
+        make_args(tmp_path, optim=optim, optim_target_modules=["fc1"])
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="updates the weights inside the backward pass"):
+        LookbehindTrainer(
+            model=model,
+            args=plain_args(tmp_path, optim=optim, optim_target_modules=["fc1"]),
+            lookbehind=LookbehindConfig(),
+            train_dataset=ToyDataset(),
+        )
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_a_schedule_free_optimizer_is_refused_before_training(tmp_path):
     model = make_model()
     with pytest.raises(ValueError, match="schedule-free"):
