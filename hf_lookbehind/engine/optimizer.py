@@ -120,10 +120,11 @@ class Lookbehind(torch.optim.Optimizer):
             settings = dataclasses.replace(settings, batchnorm_update="first_pass")
         if any(group.get("maximize", False) for group in base_optimizer.param_groups):
             raise ValueError("Lookbehind minimises; the base optimizer must not set maximize=True")
-        if base_optimizer in _ENGINES:  # taken over: the earlier engine's entries go with it
+        if base_optimizer in _ENGINES:  # taken over: keep the groups' values this setup reads
             for group in base_optimizer.param_groups:
-                for key in GROUP_SETTINGS:
-                    group.pop(key, None)
+                for key, name in GROUP_SETTINGS.items():
+                    if getattr(settings, name) is None:
+                        group.pop(key, None)
         for index, group in enumerate(base_optimizer.param_groups):
             check_group(f"param_groups[{index}]", group, settings)
 

@@ -392,11 +392,14 @@ def rebuilt_arguments_message(trainer_class: type, error: TypeError) -> str:
 
 
 def lookbehind_config(
-    args: Any, lookbehind: LookbehindConfig | None, trainer_class: type
+    args: Any, lookbehind: LookbehindConfig | None, trainer_class: type, built_engine: bool
 ) -> LookbehindConfig:
     """The settings given as ``lookbehind=``, or those of LookbehindTrainingArguments given as
-    ``args``: exactly one of the two."""
+    ``args``: exactly one of the two; none with an engine built by the user (``built_engine``:
+    its own settings train)."""
     inside = isinstance(args, LookbehindConfig)
+    if built_engine and lookbehind is None and not inside:
+        return LookbehindConfig()
     if lookbehind is not None and inside:
         raise ValueError(
             f"{trainer_class.__name__}: the Lookbehind settings were given twice, in "

@@ -5,12 +5,15 @@ a step as done. It uses only the engine's public surface."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..engine import RUN_STATE, Closure, Lookbehind, saved_record
+from .config import LookbehindConfig
 from .method_window import MethodWindow
 
 
@@ -73,3 +76,48 @@ class TrainerEngine(Lookbehind):
             if phase:
                 self.reconfigure(**phase)
         super().load_state_dict(state_dict)
+
+
+def split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Split every parameter group into parameters named ``*weight*`` (ASAM rescales them) and
+    the others, keeping the group's settings: the grouping of the public ASAM code."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        for scaled in (True, False):
+            params = [p for p in group["params"] if ("weight" in names.get(id(p), "")) == scaled]
+            if params:
+                groups.append({**group, "params": params, "asam_scale": scaled})
+    optimizer.param_groups = groups
+
+
+def taken_over(
+    built: Lookbehind, config: LookbehindConfig, max_grad_norm: float, model: nn.Module
+) -> TrainerEngine:
+    """The engine a user built and passed in ``optimizers=``, as the Trainer drives it: its own
+    settings (per-group values, a ``Perturbation`` of its own included) on its base optimizer,
+    which the Trainer's engine takes over; ``--max_grad_norm`` clips as it would clip the base
+    optimizer's steps, unless the engine clips already. A Lookbehind flag given as well is
+    refused: the engine's settings are the ones that train."""
+    defaults = LookbehindConfig()
+    given = [
+        f"--{flag.name} {getattr(config, flag.name)}"
+        for flag in dataclasses.fields(LookbehindConfig)
+        if getattr(config, flag.name) != getattr(defaults, flag.name)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: the engine passed in optimizers= has its own settings, which "
+            "are the ones that train; leave the Lookbehind flags unset"
+        )
+    settings, clip = built.settings, max_grad_norm or None
+    if clip is not None and settings.max_grad_norm not in (None, clip):
+        raise ValueError(
+            f"--max_grad_norm {clip} and the engine's max_grad_norm={settings.max_grad_norm} "
+            "differ: set one of them (--max_grad_norm 0 leaves clipping to the engine)"
+        )
+    if settings.max_grad_norm is None:
+        settings = settings.clipped(clip)
+    if settings.batchnorm_update is None:  # built without a model: every pass updates them
+        settings = dataclasses.replace(settings, batchnorm_update="every_pass")
+    return TrainerEngine(built.base_optimizer, settings, model=model, grad_scaler=built.grad_scaler)

@@ -62,24 +62,11 @@ from .config import (
     rebuilt_arguments_message,
     refuse_regenerated_batches,
 )
-from .engine import TrainerEngine
+from .engine import TrainerEngine, split_for_asam, taken_over
 from .passes import FrozenForwards, ReferenceInBatch, StepPasses, frozen_modules
 from .resume import CheckpointResume
 
 logger = logging.getLogger(__name__)
-
-
-def _split_for_asam(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Split every parameter group into parameters named ``*weight*`` (ASAM rescales them) and
-    the others, keeping the group's settings: the grouping of the public ASAM code."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    groups = []
-    for group in optimizer.param_groups:
-        for scaled in (True, False):
-            params = [p for p in group["params"] if ("weight" in names.get(id(p), "")) == scaled]
-            if params:
-                groups.append({**group, "params": params, "asam_scale": scaled})
-    optimizer.param_groups = groups
 
 
 class LookbehindMixin(CheckpointResume):
@@ -116,7 +103,8 @@ class LookbehindMixin(CheckpointResume):
             if isinstance(kwargs.get("args"), LookbehindTrainingArguments):
                 raise TypeError(rebuilt_arguments_message(type(self), error)) from error
             raise
-        self.lookbehind_config = lookbehind_config(self.args, lookbehind, type(self))
+        built = isinstance((kwargs.get("optimizers") or (None,))[0], Lookbehind)
+        self.lookbehind_config = lookbehind_config(self.args, lookbehind, type(self), built)
         self._check_setup()
         self._window: list[dict[str, Any]] = []
 
@@ -198,7 +186,12 @@ class LookbehindMixin(CheckpointResume):
             self.optimizer = engine
             return engine
         base = super().create_optimizer(model)
-        if not self.uses_lookbehind or isinstance(base, Lookbehind):
+        if isinstance(base, Lookbehind):  # built by the user: its own settings train
+            self.optimizer = taken_over(
+                base, self.lookbehind_config, self.args.max_grad_norm, self.model
+            )
+            return self.optimizer
+        if not self.uses_lookbehind:
             return base
         refuse_schedule_free(base)
         grouped = any("asam_scale" in group for group in base.param_groups)
@@ -211,7 +204,7 @@ class LookbehindMixin(CheckpointResume):
                     "with 'asam_scale' (hf_lookbehind.asam_param_groups) or set "
                     "--asam_weights_only false"
                 )
-            _split_for_asam(base, self.model)
+            split_for_asam(base, self.model)
         self.optimizer = TrainerEngine(
             base,
             model=self.model,

@@ -18,6 +18,7 @@ from helpers.trainer_harness import (
     make_args,
     make_model,
     plain_loop,
+    sequential_closures,
 )
 from torch import nn
 from torch.utils.data import Dataset, SequentialSampler
@@ -32,6 +33,7 @@ from transformers import (
 )
 
 from hf_lookbehind import (
+    FisherSAM,
     Lookbehind,
     LookbehindConfig,
     LookbehindMixin,
@@ -302,6 +304,47 @@ def test_a_frozen_teacher_runs_once_per_step_on_the_same_inputs(
         engine.step(distill)
     assert max_param_difference(trainer.model, expected) < 1e-10
     assert max_param_difference(trainer.teacher, frozen_teacher()) == 0.0
+
+
+# ------------------------------------------------------------- an engine built by the user
+@pytest.mark.parametrize("args_class", [TrainingArguments, LookbehindTrainingArguments])
+def test_an_engine_built_by_the_user_trains_as_in_a_plain_loop(tmp_path, args_class):
+    """Per-group rho and a perturbation of its own: the engine passed in ``optimizers=`` is
+    the one that trains, exactly as the same engine in a plain loop."""
+    settings = dict(k=2, alpha=0.8, rho=0.1, perturbation=FisherSAM(0.5))
+
+    def engine_for(model: nn.Module) -> Lookbehind:
+        head = list(model.fc2.parameters())
+        body = [p for p in model.parameters() if all(p is not q for q in head)]
+        groups = [{"params": body}, {"params": head, "lookbehind_rho": 0.0}]
+        return Lookbehind(torch.optim.SGD(groups, lr=0.1, momentum=0.9), **settings)
+
+    model = make_model()
+    trainer = InOrderTrainer(
+        model=model,
+        args=plain_args(tmp_path, args_class=args_class),
+        train_dataset=ToyDataset(),
+        optimizers=(engine_for(model), None),
+    )
+    trainer.train()
+    expected = make_model()
+    engine = engine_for(expected)
+    for closure in sequential_closures(expected, 16, STEPS):
+        engine.step(closure)
+    assert max_param_difference(trainer.model, expected) < 1e-12
+    assert max_param_difference(expected, make_model()) > 1e-3
+    assert trainer.lookbehind.stats().gradient_computations == STEPS * 3
+
+
+def test_an_engine_built_by_the_user_and_lookbehind_flags_are_refused(tmp_path):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"--rho 0.2, .*: the engine passed in optimizers="):
+        InOrderTrainer(
+            model=model,
+            args=make_args(tmp_path, rho=0.2),
+            train_dataset=ToyDataset(),
+            optimizers=(Lookbehind(sgd(model), k=2), None),
+        ).train()
 
 
 # ---------------------------------------------------------------- schedule-free optimizers
