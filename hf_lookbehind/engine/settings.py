@@ -255,7 +255,7 @@ def _resolved(s: LookbehindSettings) -> dict[str, Any]:
         check_choice("adaptive_alpha_scope", adaptive_scope, ADAPTIVE_SCOPES)
 
     if adaptive_alpha and method != "lookbehind":
-        raise ValueError(f"adaptive alpha is defined for method='lookbehind', not {method!r}")
+        raise ValueError(f"adaptive_alpha=True is defined for method='lookbehind', not {method!r}")
     if method in ALPHA_METHODS:
         if adaptive_alpha:
             _refuse_unread("alpha", alpha, DEFAULT_ALPHA, "adaptive alpha (eq. 7-8) replaces it")
@@ -282,7 +282,10 @@ def _resolved(s: LookbehindSettings) -> dict[str, Any]:
         adaptive_scope = DEFAULT_ADAPTIVE_SCOPE if adaptive_scope is None else adaptive_scope
     else:
         _refuse_unread(
-            "adaptive_alpha_scope", adaptive_scope, DEFAULT_ADAPTIVE_SCOPE, "alpha is not adaptive"
+            "adaptive_alpha_scope",
+            adaptive_scope,
+            DEFAULT_ADAPTIVE_SCOPE,
+            "adaptive_alpha is False",
         )
         adaptive_scope = None
 

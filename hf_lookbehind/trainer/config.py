@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,24 @@ def setting_of(flag: str) -> str | None:
         if name in _SETTINGS:
             return name
     return None
+
+
+def in_flag_names(message: str) -> str:
+    """An engine message in the flags' words: ``k=3`` becomes ``--lookbehind_k 3``, ``alpha
+    must`` ``--lookbehind_alpha must``, ``unknown method`` ``unknown --lookbehind_method``."""
+    flags = {flag.name for flag in dataclasses.fields(LookbehindConfig)}
+    for setting in _SETTINGS:
+        flag = setting if setting in flags else f"lookbehind_{setting}"
+        if flag not in flags:
+            continue
+        message = re.sub(
+            rf"(?<![\w-]){setting}=(?:'([^']*)'|([^\s,;)]+))",
+            lambda m, flag=flag: f"--{flag} {m.group(1) if m.group(1) is not None else m.group(2)}",
+            message,
+        )
+        message = re.sub(rf"(?<![\w-]){setting} (must|has|is)\b", rf"--{flag} \1", message)
+        message = re.sub(rf"\bunknown {setting}\b", f"unknown --{flag}", message)
+    return message
 
 
 def check_sharding(
@@ -256,7 +275,10 @@ class LookbehindConfig:
         return given
 
     def _built_settings(self) -> LookbehindSettings:
-        return LookbehindSettings(**self.given_settings())
+        try:
+            return LookbehindSettings(**self.given_settings())
+        except ValueError as error:
+            raise ValueError(in_flag_names(str(error))) from None
 
     def _refuse_engine_flags(self) -> None:
         """``--lookbehind_method none``: the base optimizer alone reads no Lookbehind flag;
@@ -271,7 +293,7 @@ class LookbehindConfig:
                 try:
                     LookbehindSettings(**readers.get(setting, {}), **{setting: value})
                 except ValueError as error:
-                    raise ValueError(f"--{flag.name}: {error}") from None
+                    raise ValueError(in_flag_names(str(error))) from None
         given = [
             flag.name
             for flag in dataclasses.fields(LookbehindConfig)

@@ -125,6 +125,11 @@ class LookbehindMixin(CheckpointResume):
             check_base_optimizer_name(self.args.optim, config.lookbehind_method)
             if self.optimizer is not None:
                 refuse_schedule_free(self.optimizer)
+        if config.ascent_sync == "per_device" and self.args.world_size == 1:
+            logger.warning(
+                "--ascent_sync per_device has no effect in one process: the process's own "
+                "gradient is the batch's, so the run is --ascent_sync global"
+            )
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         if launched > 1 and self.args.world_size == 1:
             raise ValueError(
@@ -298,6 +303,22 @@ class LookbehindMixin(CheckpointResume):
         for micro_batches, extra in passes.extra_passes():
             flos = sum(float(self.floating_point_ops(batch)) for batch in micro_batches)
             self.current_flos += extra * flos
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader, resume_from_checkpoint):
+        prepared = super()._prepare_for_training(
+            max_steps, train_dataloader, resume_from_checkpoint
+        )
+        window = self.lookbehind_config.method_window()
+        epochs = self.state.num_train_epochs
+        if window is not None and epochs and window.start_epoch >= epochs:
+            logger.warning(
+                "the run ends within %s epochs, before --lookbehind_start_epoch %s: it trains "
+                "with --baseline_method %s throughout",
+                epochs,
+                window.start_epoch,
+                self.lookbehind_config.baseline_method,
+            )
+        return prepared
 
     # ---------------------------------------------------------------------------- logging
     @property

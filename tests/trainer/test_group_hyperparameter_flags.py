@@ -40,7 +40,10 @@ def test_alpha_is_a_number_on_the_command_line(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (("--lookbehind_method", "sam", "--lookbehind_adaptive_alpha"), "method='lookbehind'"),
+        (
+            ("--lookbehind_method", "sam", "--lookbehind_adaptive_alpha"),
+            "--lookbehind_adaptive_alpha True is defined for --lookbehind_method lookbehind",
+        ),
         (("--lookbehind_method", "none", "--lookbehind_adaptive_alpha"), "no effect"),
         (("--lookbehind_adaptive_alpha", "--lookbehind_alpha", "0.8"), "has no effect"),
     ],

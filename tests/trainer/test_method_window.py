@@ -4,6 +4,8 @@ hand the same base optimizer from one engine to the next; resume across the swit
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from helpers.models import max_param_difference
@@ -148,3 +150,18 @@ def test_reconfigure_refuses_to_cut_a_cycle():
     engine.step(closure)
     with pytest.raises(RuntimeError, match="1 of 3 inner steps"):
         engine.reconfigure(method="sam")
+
+
+def test_a_window_that_starts_after_the_run_ends_is_announced(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, max_steps=2, lookbehind_start_epoch=5.0)
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        trainer.train()
+    assert "before --lookbehind_start_epoch 5.0: it trains with --baseline_method sam" in (
+        caplog.text
+    )
+
+
+def test_per_device_ascent_in_one_process_is_announced(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        make_trainer(tmp_path, max_steps=1, ascent_sync="per_device")
+    assert "--ascent_sync per_device has no effect in one process" in caplog.text

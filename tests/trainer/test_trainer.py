@@ -425,7 +425,10 @@ def test_grad_scaler_overflow_skips_the_step_and_lowers_the_scale():
         ),
         (dict(batchnorm_update="never"), "unknown batchnorm_update 'never'"),
         (dict(adaptive_alpha_scope="layer"), "unknown adaptive_alpha_scope 'layer'"),
-        (dict(lookbehind_method="sam", lookbehind_k=3), "method='sam' takes k=1"),
+        (
+            dict(lookbehind_method="sam", lookbehind_k=3),
+            "--lookbehind_method sam takes --lookbehind_k 1",
+        ),
         (
             dict(minibatch_switching=True, lookbehind_method="multistep", lookbehind_k=2),
             "minibatch_switching",
@@ -535,14 +538,14 @@ def test_flags_not_given_take_the_engines_defaults():
         # A method that does not read a flag given otherwise than at its default.
         (
             dict(lookbehind_method="sam", lookbehind_k=None, lookbehind_alpha=0.8),
-            "alpha=0.8 has no effect: method='sam'",
+            "--lookbehind_alpha 0.8 has no effect: --lookbehind_method sam",
         ),
-        (dict(adaptive_alpha_scope="global"), "adaptive_alpha_scope='global' has no effect"),
-        (dict(asam_eta=0.1), "asam_eta=0.1 has no effect"),
+        (dict(adaptive_alpha_scope="global"), "--adaptive_alpha_scope global has no effect"),
+        (dict(asam_eta=0.1), "--asam_eta 0.1 has no effect"),
         (dict(asam_weights_only=False), "--asam_weights_only false has no effect: --perturbation"),
         (
             dict(lookbehind_method="lookahead", perturbation="none", ascent_sync="per_device"),
-            "ascent_sync='per_device' has no effect",
+            "--ascent_sync per_device has no effect",
         ),
     ],
 )
