@@ -29,6 +29,14 @@ class Layout:
         self.params: list[torch.Tensor] = [p for g in param_groups for p in g["params"]]
         self.scaled: list[bool] = [bool(g["asam_scale"]) for g in param_groups for _ in g["params"]]
         self.group_of: list[int] = [i for i, g in enumerate(param_groups) for _ in g["params"]]
+        complex_params = [p for p in self.params if p.dtype.is_complex]
+        if complex_params:
+            raise ValueError(
+                f"{len(complex_params)} complex parameters (the first of shape "
+                f"{tuple(complex_params[0].shape)}): the engine supports real floating-point "
+                "parameters only; keep complex weights as real and imaginary parts "
+                "(torch.view_as_real) in a real parameter"
+            )
         self.sharded = any_sharded(self.params)
         self.dtypes = [p.dtype for p in self.params]
         self.devices = [p.device for p in self.params]

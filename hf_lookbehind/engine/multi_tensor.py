@@ -66,21 +66,16 @@ def _per_tensor(
 ) -> list[torch.Tensor]:
     """``reduce`` (``torch._foreach_norm`` or ``torch._foreach_powsum``, order 2) of each
     tensor, one call per dtype, accumulated in float32 for half precision, in the order of
-    ``tensors``, cast to float64 if any tensor is float64 (else they are float32); complex
-    tensors are reduced over their real and imaginary parts."""
+    ``tensors``, cast to float64 if any tensor is float64 (else they are float32)."""
     groups = by_dtype(tensors)
-    wide = torch.float64 in groups or torch.complex128 in groups
-    result_dtype = torch.float64 if wide else torch.float32
+    result_dtype = torch.float64 if torch.float64 in groups else torch.float32
     if len(groups) == 1 and next(iter(groups)) in (torch.float32, torch.float64):
         values = reduce(list(tensors), 2)
         return values if values[0].dtype == result_dtype else [v.to(result_dtype) for v in values]
     results: list[torch.Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     for dtype, indices in groups.items():
         accumulate = torch.float32 if dtype in _LOW_PRECISION else None
-        group = [tensors[i] for i in indices]
-        if dtype.is_complex:
-            group = [torch.view_as_real(t) for t in group]
-        values = reduce(group, 2, dtype=accumulate)
+        values = reduce([tensors[i] for i in indices], 2, dtype=accumulate)
         if values[0].dtype != result_dtype:
             values = [value.to(result_dtype) for value in values]
         for i, value in zip(indices, values, strict=True):
@@ -122,17 +117,12 @@ def copy_values_(destinations: Sequence[torch.Tensor], sources: Sequence[torch.T
 
 def _as_integers(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
     """The local shards of ``tensors`` viewed as integers of their element width, one list per
-    dtype (complex tensors as their real and imaginary parts)."""
+    dtype."""
     local = local_shards(tensors)
-    views = []
-    for dtype, indices in by_dtype(local).items():
-        width = dtype.itemsize // 2 if dtype.is_complex else dtype.itemsize
-        integer = _SAME_WIDTH_INTEGER[width]
-        if dtype.is_complex:
-            views.append([torch.view_as_real(local[i]).view(integer) for i in indices])
-        else:
-            views.append([local[i].view(integer) for i in indices])
-    return views
+    return [
+        [local[i].view(_SAME_WIDTH_INTEGER[dtype.itemsize]) for i in indices]
+        for dtype, indices in by_dtype(local).items()
+    ]
 
 
 def zero_nonfinite_(grads: Sequence[torch.Tensor], keep: torch.Tensor) -> None:

@@ -139,6 +139,12 @@ class Step:
                 raise RuntimeError(
                     "the closure produced no gradient: it must compute the loss and call backward()"
                 )
+        if [g for g in grads if g.is_sparse]:
+            raise ValueError(
+                "a sparse gradient (nn.Embedding(sparse=True), nn.EmbeddingBag(sparse=True)): "
+                "the ascent and the slow-weight update are dense, so the engine takes dense "
+                "gradients only; build the layer with sparse=False"
+            )
         local = self._keep_local(index, grads) if self.per_device else None
         sharded = self.layout.sharded
         norms = per_tensor_norms([*grads, *statistics], sharded)

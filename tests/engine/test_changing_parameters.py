@@ -103,3 +103,29 @@ def test_a_second_engine_on_one_base_optimizer_takes_it_over():
     assert second.state_dict()["state"]["lookbehind_run"]["settings"]["method"] == "sam"
     with pytest.raises(RuntimeError, match="another Lookbehind engine was built on this"):
         first.step(closure_for(model, batches[2]))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_sparse_gradient_is_refused_before_any_weight_moves(mode):
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Flatten(), nn.Linear(8, 3))
+    before = [p.detach().clone() for p in model.parameters()]
+    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1), **MODES[mode])
+    tokens, labels = torch.randint(0, 10, (6, 2)), torch.randint(0, 3, (6,))
+
+    def closure():
+        loss = nn.functional.cross_entropy(model(tokens), labels)
+        loss.backward()
+        return loss
+
+    with pytest.raises(ValueError, match=r"sparse gradient .* build the layer with sparse=False"):
+        if engine.settings.micro_batch_ascent:
+            engine.step_micro_batches([closure])
+        else:
+            engine.step(closure)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_complex_parameters_are_refused_at_construction():
+    model = nn.Linear(3, 3).to(torch.complex64)
+    with pytest.raises(ValueError, match=r"2 complex parameters .* real floating-point"):
+        Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
