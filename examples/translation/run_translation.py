@@ -49,6 +49,7 @@ from translation_vocab import BPE_FILE, JointBpeVocabularies
 from hf_lookbehind import LookbehindTrainer, LookbehindTrainingArguments
 from hf_lookbehind_recipes.evaluation import check_evaluation_flags
 from hf_lookbehind_recipes.logs import configure_logging
+from hf_lookbehind_recipes.processes import end_process_group
 from hf_lookbehind_recipes.training import record_metrics, train_and_save
 
 logger = logging.getLogger(__name__)
@@ -412,3 +413,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

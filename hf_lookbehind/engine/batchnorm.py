@@ -1,4 +1,6 @@
-"""Control over which forward passes update BatchNorm running statistics, and their guard."""
+"""Control over which forward passes update BatchNorm running statistics, and the guard of every
+running statistic a pass updates (BatchNorm's, and InstanceNorm's with
+``track_running_stats=True``)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from .multi_tensor import select_
 
@@ -15,11 +17,13 @@ BATCHNORM_UPDATES = ("first_pass", "every_pass")
 _STATISTICS = ("running_mean", "running_var")
 
 
-def batchnorm_modules(model: nn.Module | None) -> list[_BatchNorm]:
-    """The BatchNorm layers of ``model`` (``SyncBatchNorm`` and timm's subclasses included)."""
+def batchnorm_modules(model: nn.Module | None) -> list[_NormBase]:
+    """The normalisation layers of ``model`` that keep running statistics: BatchNorm
+    (``SyncBatchNorm`` and timm's subclasses included) and InstanceNorm with
+    ``track_running_stats=True``."""
     if model is None:
         return []
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    return [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
 
 
 @contextlib.contextmanager
@@ -45,11 +49,15 @@ class RunningStatsGuard:
     (:func:`~hf_lookbehind.engine.multi_tensor.select_`), and the batch counters lose the passes
     of the step that counted them."""
 
-    def __init__(self, modules: list[_BatchNorm]) -> None:
-        self.modules = modules
-        self._buffers = [m._buffers for m in modules]  # read anew each step: .to() replaces them
+    def __init__(self, modules: list[_NormBase]) -> None:
+        # Only BatchNorm can be kept to the first pass (track_running_stats=False freezes it)
+        # and counts its passes; InstanceNorm updates its statistics in every pass.
+        self.modules = [m for m in modules if isinstance(m, _BatchNorm)]
+        self._buffers = [m._buffers for m in self.modules]  # read anew each step (.to())
+        self._always = [m._buffers for m in modules if not isinstance(m, _BatchNorm)]
         self.floats: list[torch.Tensor] = []
         self.counters: list[torch.Tensor] = []
+        self.always_updated: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
         self._saved_counters: list[torch.Tensor] = []
         self.tracked_passes = 0
@@ -57,17 +65,22 @@ class RunningStatsGuard:
     def save(self) -> None:
         """Copy the statistics."""
         statistics = [b[name] for b in self._buffers for name in _STATISTICS]
+        always = [b[name] for b in self._always for name in _STATISTICS]
         counters = [b["num_batches_tracked"] for b in self._buffers]
-        self.floats = [t for t in statistics if t is not None]
+        self.always_updated = [t for t in always if t is not None]
+        self.floats = [t for t in statistics if t is not None] + self.always_updated
         self.counters = [t for t in counters if t is not None]
         self._saved = torch._foreach_clone(self.floats) if self.floats else []
         # For an exception, which may come after a forward pass counted but before it returned.
         self._saved_counters = torch._foreach_clone(self.counters) if self.counters else []
         self.tracked_passes = 0
 
-    def counted_pass(self) -> list[torch.Tensor]:
-        """A pass of the step updated the statistics (each adds one to the batch counters):
-        the statistics, for the non-finite check."""
+    def counted_pass(self, frozen: bool) -> list[torch.Tensor]:
+        """A pass of the step ran (``frozen``: with the BatchNorm statistics frozen): the
+        statistics it updated, for the non-finite check (an unfrozen pass adds one to the
+        batch counters)."""
+        if frozen:
+            return self.always_updated
         self.tracked_passes += 1
         return self.floats
 

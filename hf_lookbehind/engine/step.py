@@ -123,7 +123,7 @@ class Step:
         frozen = frozen_running_stats(guard.modules) if freeze else contextlib.nullcontext()
         with torch.enable_grad(), frozen:
             loss = closure()
-        statistics = guard.counted_pass() if guard is not None and not freeze else []
+        statistics = [] if guard is None else guard.counted_pass(frozen=freeze)
         scaler = self.grad_scaler
         if scaler is not None and scaler.is_enabled():
             scaler.unscale_(self.base)

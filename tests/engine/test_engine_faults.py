@@ -396,3 +396,54 @@ def test_a_mid_cycle_checkpoint_without_its_buffers_is_refused():
         entry.pop("lookbehind_perturbed", None)
     with pytest.raises(ValueError, match="lacks the cycle's buffers"):
         fresh.load_state_dict(state)
+
+
+class InstanceNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.norm = nn.InstanceNorm1d(4, track_running_stats=True)
+        self.head = nn.Linear(4, 3)
+        self.double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.norm(self.conv(x))).mean(-1))
+
+
+@pytest.mark.parametrize("name", ["lookbehind", "switching", "sam"])
+def test_a_non_finite_batch_leaves_instance_norm_statistics_as_they_were(name):
+    """Every running statistic a pass updates is guarded, not only BatchNorm's: a skipped step
+    leaves InstanceNorm's (track_running_stats=True) bit-identical, and evaluation stays
+    finite."""
+    settings, calls, _ = CONFIGS[name]
+    model = InstanceNormNet()
+    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1), model=model, **settings)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(8, 2, 6, generator=generator, dtype=torch.float64), torch.arange(8) % 3)
+        for _ in range(3 * calls)
+    ]
+
+    def closure(x, y):
+        def run():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        return run
+
+    for x, y in batches[:calls]:
+        engine.step(closure(x, y))
+    before = (model.norm.running_mean.clone(), model.norm.running_var.clone())
+    weights = [p.detach().clone() for p in model.parameters()]
+    for x, y in batches[calls : 2 * calls]:
+        poisoned = x.clone()
+        poisoned[0, 0, 0] = float("nan")
+        engine.step(closure(poisoned, y))
+    assert engine.stats().skipped_steps == 1
+    assert torch.equal(model.norm.running_mean, before[0])
+    assert torch.equal(model.norm.running_var, before[1])
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    model.eval()
+    assert torch.isfinite(model(batches[0][0])).all()
