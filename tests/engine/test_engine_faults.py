@@ -447,3 +447,55 @@ def test_a_non_finite_batch_leaves_instance_norm_statistics_as_they_were(name):
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     model.eval()
     assert torch.isfinite(model(batches[0][0])).all()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("name", ["lookbehind", "switching"])
+def test_what_a_skipped_outer_step_leaves_in_the_base_optimizer(optimizer, name):
+    """A skipped outer step leaves the slow weights bit-identical, and the base optimizer's
+    state exactly as its own updates with zero gradients leave it, one per inner step of the
+    discarded outer step (SGD's momentum decays, Adam's moments decay and its step count
+    advances): the same state as a twin optimizer stepped k times on zero gradients."""
+    settings, calls, _ = CONFIGS[name]
+    k = settings["k"]
+
+    def make(params):
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+
+    model = FaultNet(False)
+    engine = Lookbehind(make(model.parameters()), **settings)
+    batches = make_batches(2 * calls, seed=3)
+    healthy = Closures(model)
+    for batch in batches[:calls]:
+        engine.step(healthy.one(batch))
+    twin = FaultNet(False)
+    twin.load_state_dict(model.state_dict())
+    twin_optimizer = make(twin.parameters())
+    twin_optimizer.load_state_dict(
+        engine.base_optimizer.state_dict()
+        | {
+            "state": {
+                index: entry
+                for index, entry in engine.base_optimizer.state_dict()["state"].items()
+                if isinstance(index, int)
+            }
+        }
+    )
+    slow = [p.detach().clone() for p in model.parameters()]
+    poisoned = Closures(model, "nan", at=0)
+    for batch in batches[calls:]:
+        engine.step(poisoned.one(batch))
+    assert engine.stats().skipped_steps == 1
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), slow))
+    stepped = {i for i in engine.base_optimizer.state_dict()["state"] if isinstance(i, int)}
+    for _ in range(k):
+        for index, p in enumerate(twin.parameters()):
+            p.grad = torch.zeros_like(p) if index in stepped else None
+        twin_optimizer.step()
+    expected = twin_optimizer.state_dict()["state"]
+    actual = engine.base_optimizer.state_dict()["state"]
+    for index, entry in expected.items():
+        for key, value in entry.items():
+            assert torch.equal(actual[index][key], value), (index, key)
