@@ -1,4 +1,4 @@
-"""LookbehindTrainer resumed on the same instance, from the newest complete checkpoint, and with
+"""LookbehindTrainer resumed on the same instance, from the newest checkpoint, and with
 a changed method: each run continues exactly as an independent run from the same state (a fresh
 Trainer resumed from the checkpoint, or the engine in a plain loop)."""
 
