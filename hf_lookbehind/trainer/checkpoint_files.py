@@ -43,6 +43,19 @@ LOOKBEHIND_PREFIX = "lookbehind_"
 ASAM_SCALE = "asam_scale"
 
 
+# Tensor names a refusal shows of a list (with the count of all).
+SHOWN_NAMES = 5
+
+
+def some_names(names: list[str]) -> str:
+    """``names`` in a message: how many, and the first few."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:SHOWN_NAMES])
+    more = len(names) - SHOWN_NAMES
+    return f"{len(names)} ({shown}{f' and {more} more' if more > 0 else ''})"
+
+
 def with_message(error: BaseException, message: str) -> BaseException:
     """An exception of ``error``'s type (what the Trainer meets reading the same file) with
     ``message``."""
@@ -155,19 +168,30 @@ def other_model_files(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, f"{FSDP_MODEL_NAME}.bin"))
 
 
-def saved_names(model: nn.Module) -> set[str] | None:
-    """The tensor names a model file of ``model`` holds; None where the loading alone checks
-    them (a transformers model may save fewer names: tied weights)."""
+def saved_names(path: str, model: nn.Module) -> tuple[set[str], set[str]] | None:
+    """The tensor names a model file of ``model`` must hold, and those it may hold; None where
+    the loading alone checks them (a transformers model may save fewer names: tied weights)."""
     if isinstance(model, PreTrainedModel):
         return None
-    return set(model.state_dict())
+    if os.path.basename(path) not in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME):
+        names = set(model.state_dict())
+        return names, names
+    try:
+        from peft import PeftModel, get_peft_model_state_dict
+    except ImportError:
+        return None
+    if not isinstance(model, PeftModel) or list(model.peft_config) != ["default"]:
+        return None  # several adapters, or one of another name: in subfolders, PEFT loads them
+    # PEFT's saving: the adapter's tensors, under names without the adapter's name; it may add
+    # layers of the model under their own names (resized embeddings).
+    required = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    return required, required | set(model.state_dict())
 
 
 def check_model_file(folder: str, model: nn.Module) -> None:
     """The checkpoint has a model file, as the Trainer asks (else its ``ValueError``); for a
     plain ``nn.Module`` (whose whole ``state_dict`` the Trainer saves) it holds exactly the
-    model's tensors. A transformers model may save fewer (tied weights), so only its loading
-    checks it."""
+    model's tensors, for a PEFT model the active adapter's tensors as PEFT saves them."""
     found = [os.path.join(folder, name) for name in MODEL_FILES]
     found = [path for path in found if os.path.isfile(path)]
     if not found:
@@ -182,15 +206,16 @@ def check_model_file(folder: str, model: nn.Module) -> None:
         raise ValueError(f"Can't find a valid checkpoint at {folder}: {reason}")
     path = found[0]
     names = read_model_file(path)
-    expected = None if names is None else saved_names(model)
+    expected = None if names is None else saved_names(path, model)
     if expected is None:
         return
-    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    required, allowed = expected
+    missing, unexpected = sorted(required - names), sorted(names - allowed)
     if missing or unexpected:
         raise ValueError(
-            f"{path} was written for another model (missing: {', '.join(missing) or 'none'}; "
-            f"not in this model: {', '.join(unexpected) or 'none'}); resume with the model it "
-            "was written for, or start a new run"
+            f"{path} was written for another model (missing: {some_names(missing)}; not in "
+            f"this model: {some_names(unexpected)}); resume with the model it was written for, "
+            "or start a new run"
         )
 
 
