@@ -6,10 +6,11 @@ apart from the package's documented ones, and with ``none`` the same final weigh
 (with SAM the optimizer differs, so its weights are not compared).
 
 Covered: resuming from a missing folder, from ``True`` with nothing saved, from a newest
-checkpoint whose saving did not finish (no ``trainer_state.json``), from a checkpoint without
-a model file or with a truncated state; resuming with gradient accumulation, frozen parameters,
-another batch size and ``auto_find_batch_size``; ``save_total_limit`` rotation across a resume,
-``load_best_model_at_end`` and ``save_only_model``.
+checkpoint whose saving did not finish (no ``trainer_state.json``, or a truncated one), from a
+checkpoint without its model, optimizer or scheduler file or with a truncated one; resuming
+with gradient accumulation, frozen parameters, another batch size and ``auto_find_batch_size``;
+``save_total_limit`` rotation across a resume, ``load_best_model_at_end`` and
+``save_only_model`` (resumed without optimizer and scheduler files).
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ OWN_LOG_KEYS = {
 @dataclass
 class Outcome:
     """How a scenario ended: its exception (type and message, with the run's folder written
-    ``ROOT``) or its final weights and log keys; and the files it left."""
+    ``ROOT``) or its final weights, log keys and epoch (which tells the batch size it ended
+    with); and the files it left."""
 
     error: tuple[type, str] | None
     weights: dict[str, torch.Tensor] | None
     log_keys: list[set[str]] | None
     files: dict[str, list[str]]
+    epoch: float | None = None
 
 
 def build(kind: str, output_dir: Path, model=None, **overrides) -> Trainer:
@@ -96,7 +99,7 @@ def outcome(root: Path, action) -> Outcome:
         return Outcome((type(error), message), None, None, files_under(root))
     weights = {name: value.detach().clone() for name, value in trainer.model.state_dict().items()}
     keys = [set(entry) - OWN_LOG_KEYS for entry in trainer.state.log_history]
-    return Outcome(None, weights, keys, files_under(root))
+    return Outcome(None, weights, keys, files_under(root), trainer.state.epoch)
 
 
 def assert_agree(expected: Outcome, got: Outcome, kind: str) -> None:
@@ -107,6 +110,7 @@ def assert_agree(expected: Outcome, got: Outcome, kind: str) -> None:
     else:
         assert got.error is None, f"the Trainer trained, {kind} raised {got.error}"
         assert got.log_keys == expected.log_keys
+        assert got.epoch == expected.epoch
         if kind == "none":
             assert got.weights.keys() == expected.weights.keys()
             for name, value in expected.weights.items():
@@ -253,6 +257,9 @@ def test_the_scenarios_exercise_what_they_name(trainer_outcomes):
     """The Trainer's own outcomes: what each scenario is about happened."""
     assert trainer_outcomes("missing_folder").error[0] is ValueError
     assert trainer_outcomes("true_with_an_incomplete_newest").error[0] is FileNotFoundError
+    # 4 steps of 64 samples: at batch 8 half an epoch, at the checkpoint's 16 one epoch.
+    assert trainer_outcomes("another_batch_size").epoch == 0.5
+    assert trainer_outcomes("auto_find_batch_size").epoch == 1.0
     rotated = trainer_outcomes("save_total_limit_rotation").files
     assert sorted(name for name in rotated if name != ".") == ["checkpoint-5", "checkpoint-6"]
     best = trainer_outcomes("load_best_model_at_end")
