@@ -1,10 +1,12 @@
 """The files of a Trainer checkpoint as ``LookbehindTrainer`` reads them: which folder
-``resume_from_checkpoint=True`` takes, and a refusal, naming the file, of a checkpoint that is
-incomplete, truncated or written for another model, before any work."""
+``resume_from_checkpoint=True`` takes (the Trainer's choice), and a refusal, before any work, of
+a checkpoint the Trainer would fail on or that cannot be resumed exactly: with the exception the
+Trainer raises for it (type and message start), and the reason and the file added."""
 
 from __future__ import annotations
 
-import logging
+import copy
+import errno
 import os
 import pickle
 import re
@@ -14,8 +16,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel, TrainerState
-from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
     ADAPTER_WEIGHTS_NAME,
@@ -24,8 +26,6 @@ from transformers.utils import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
 )
-
-logger = logging.getLogger(__name__)
 
 CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # The model files the Trainer resumes from, in the order it looks for them.
@@ -43,10 +43,37 @@ LOOKBEHIND_PREFIX = "lookbehind_"
 ASAM_SCALE = "asam_scale"
 
 
-def corrupt_file_error(path: str, error: BaseException) -> ValueError:
-    return ValueError(
-        f"{path} is truncated or corrupt ({type(error).__name__}: {error}); restore it from a "
-        "copy, or resume from an earlier checkpoint"
+# Tensor names a refusal shows of a list (with the count of all).
+SHOWN_NAMES = 5
+
+
+def some_names(names: list[str]) -> str:
+    """``names`` in a message: how many, and the first few."""
+    if not names:
+        return "none"
+    shown = ", ".join(names[:SHOWN_NAMES])
+    more = len(names) - SHOWN_NAMES
+    return f"{len(names)} ({shown}{f' and {more} more' if more > 0 else ''})"
+
+
+def with_message(error: BaseException, message: str) -> BaseException:
+    """An exception of ``error``'s type (what the Trainer meets reading the same file) with
+    ``message``."""
+    try:
+        rebuilt = type(error)(message)
+    except Exception:  # a constructor of its own (json's JSONDecodeError)
+        rebuilt = copy.copy(error)
+        rebuilt.args = (message,)
+    return rebuilt
+
+
+def corrupt_file_error(path: str, error: BaseException) -> BaseException:
+    """What the reader raised for a truncated or corrupt file (the Trainer's exception), its
+    message followed by the file's name and what to do."""
+    return with_message(
+        error,
+        f"{error} ({path} is truncated or corrupt: restore it from a copy, or resume from an "
+        "earlier checkpoint)",
     )
 
 
@@ -58,20 +85,58 @@ def load_checkpoint_file(path: str, map_location: str | torch.device | None = No
         raise corrupt_file_error(path, error) from error
 
 
+def checkpoint_step(folder: str) -> int | None:
+    match = CHECKPOINT_FOLDER.match(os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None
+
+
+def earlier_complete_checkpoint(folder: str) -> str | None:
+    """The newest ``checkpoint-N`` beside ``folder``, older than it, whose saving finished."""
+    step = checkpoint_step(folder)
+    parent = os.path.dirname(os.path.normpath(folder))
+    if step is None or not os.path.isdir(parent):
+        return None
+    older = {
+        name: int(m.group(1))
+        for name in os.listdir(parent)
+        if (m := CHECKPOINT_FOLDER.match(name)) and int(m.group(1)) < step
+    }
+    for name in sorted(older, key=older.get, reverse=True):
+        try:
+            TrainerState.load_from_json(os.path.join(parent, name, TRAINER_STATE_NAME))
+        except (OSError, ValueError, TypeError):
+            continue
+        return os.path.join(parent, name)
+    return None
+
+
+def unfinished_save(folder: str) -> str:
+    earlier = earlier_complete_checkpoint(folder)
+    if earlier is None:
+        then = "resume from an earlier checkpoint"
+    else:
+        then = f"resume from {earlier}, the newest complete checkpoint before it"
+    return f"the Trainer writes it last, so the saving of this checkpoint did not finish; {then}"
+
+
 def read_trainer_state(folder: str) -> TrainerState:
     """The checkpoint's ``trainer_state.json``, which the Trainer writes last: without it (or
-    with a truncated one) the saving of the checkpoint did not finish."""
+    with a truncated one) the saving of the checkpoint did not finish. Refused with the
+    Trainer's exception (``FileNotFoundError``, or the JSON reader's)."""
     path = os.path.join(folder, TRAINER_STATE_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} is missing: the Trainer writes it last, so the saving of this checkpoint "
-            "did not finish; resume from an earlier checkpoint (resume_from_checkpoint=True "
-            "takes the newest complete one)"
+        reason = (
+            "the checkpoint folder does not exist"
+            if not os.path.isdir(folder)
+            else unfinished_save(folder)
         )
+        raise FileNotFoundError(errno.ENOENT, f"{os.strerror(errno.ENOENT)}: {path!r} ({reason})")
     try:
         return TrainerState.load_from_json(path)
     except (ValueError, TypeError) as error:
-        raise corrupt_file_error(path, error) from error
+        raise with_message(
+            error, f"{error} ({path} is truncated or corrupt: {unfinished_save(folder)})"
+        ) from error
 
 
 def read_model_file(path: str) -> set[str] | None:
@@ -88,64 +153,88 @@ def read_model_file(path: str) -> set[str] | None:
     return None
 
 
+def other_model_files(folder: str) -> bool:
+    """Weights the Trainer also resumes from: adapters in subfolders (several adapters), or an
+    FSDP checkpoint (which it refuses itself without FSDP)."""
+    for name in os.listdir(folder):
+        sub = os.path.join(folder, name)
+        if FSDP_MODEL_NAME in name and os.path.isdir(sub):
+            return True
+        if os.path.isdir(sub) and any(
+            os.path.isfile(os.path.join(sub, adapter))
+            for adapter in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+        ):
+            return True
+    return os.path.isfile(os.path.join(folder, f"{FSDP_MODEL_NAME}.bin"))
+
+
+def saved_names(path: str, model: nn.Module) -> tuple[set[str], set[str]] | None:
+    """The tensor names a model file of ``model`` must hold, and those it may hold; None where
+    the loading alone checks them (a transformers model may save fewer names: tied weights)."""
+    if isinstance(model, PreTrainedModel):
+        return None
+    if os.path.basename(path) not in (ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME):
+        names = set(model.state_dict())
+        return names, names
+    try:
+        from peft import PeftModel, get_peft_model_state_dict
+    except ImportError:
+        return None
+    if not isinstance(model, PeftModel) or list(model.peft_config) != ["default"]:
+        return None  # several adapters, or one of another name: in subfolders, PEFT loads them
+    # PEFT's saving: the adapter's tensors, under names without the adapter's name; it may add
+    # layers of the model under their own names (resized embeddings).
+    required = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    return required, required | set(model.state_dict())
+
+
 def check_model_file(folder: str, model: nn.Module) -> None:
-    """The checkpoint has a complete model file; for a plain ``nn.Module`` (whose whole
-    ``state_dict`` the Trainer saves) it holds exactly the model's tensors. A transformers
-    model may save fewer (tied weights), so only its loading checks it."""
+    """The checkpoint has a model file, as the Trainer asks (else its ``ValueError``); for a
+    plain ``nn.Module`` (whose whole ``state_dict`` the Trainer saves) it holds exactly the
+    model's tensors, for a PEFT model the active adapter's tensors as PEFT saves them."""
     found = [os.path.join(folder, name) for name in MODEL_FILES]
     found = [path for path in found if os.path.isfile(path)]
     if not found:
-        raise FileNotFoundError(
-            f"{os.path.join(folder, SAFE_WEIGHTS_NAME)} is missing (nor is there any other model "
-            f"file: {', '.join(MODEL_FILES[1:])}): the checkpoint holds no weights; resume from "
-            "an earlier checkpoint"
+        if os.path.isdir(folder) and other_model_files(folder):
+            return  # the Trainer's own loading
+        reason = (
+            "the folder does not exist"
+            if not os.path.isdir(folder)
+            else f"it holds no model file ({', '.join(MODEL_FILES)}); resume from an earlier "
+            "checkpoint"
         )
+        raise ValueError(f"Can't find a valid checkpoint at {folder}: {reason}")
     path = found[0]
     names = read_model_file(path)
-    if names is None or isinstance(model, PreTrainedModel):
+    expected = None if names is None else saved_names(path, model)
+    if expected is None:
         return
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - names), sorted(names - expected)
+    required, allowed = expected
+    missing, unexpected = sorted(required - names), sorted(names - allowed)
     if missing or unexpected:
         raise ValueError(
-            f"{path} was written for another model (missing: {', '.join(missing) or 'none'}; "
-            f"not in this model: {', '.join(unexpected) or 'none'}); resume with the model it "
-            "was written for, or start a new run"
+            f"{path} was written for another model (missing: {some_names(missing)}; not in "
+            f"this model: {some_names(unexpected)}); resume with the model it was written for, "
+            "or start a new run"
         )
 
 
 def check_checkpoint(folder: str, model: nn.Module | None) -> None:
-    """Refuse, before any work, a checkpoint the Trainer cannot resume: no folder, no readable
-    ``trainer_state.json``, or (``model``: outside FSDP) no model file that fits ``model``."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"checkpoint folder {folder} not found")
-    read_trainer_state(folder)
+    """Refuse, before any work, a checkpoint the Trainer cannot resume, in the Trainer's order
+    and with its exceptions: (``model``: outside FSDP) no model file that fits ``model``, no
+    readable ``trainer_state.json``."""
     if model is not None:
         check_model_file(folder, model)
+    read_trainer_state(folder)
 
 
-def newest_complete_checkpoint(output_dir: str) -> str:
-    """The folder ``resume_from_checkpoint=True`` resumes from: the newest ``checkpoint-N`` (as
-    ``transformers.trainer_utils.get_last_checkpoint`` picks it) whose saving finished; each
-    newer folder whose saving was interrupted is skipped with a warning."""
-    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
-    steps = {name: int(m.group(1)) for name in names if (m := CHECKPOINT_FOLDER.match(name))}
-    for name in sorted(steps, key=steps.get, reverse=True):
-        folder = os.path.join(output_dir, name)
-        if not os.path.isdir(folder):
-            continue
-        try:
-            read_trainer_state(folder)
-        except (OSError, ValueError):
-            logger.warning(
-                "skipping %s: its saving was interrupted (%s is missing or unreadable); resuming "
-                "from the newest complete checkpoint before it",
-                folder,
-                TRAINER_STATE_NAME,
-            )
-            continue
-        return folder
-    raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+def last_checkpoint(output_dir: str) -> str:
+    """The folder ``resume_from_checkpoint=True`` resumes from: the Trainer's choice, the newest
+    ``checkpoint-N`` (``transformers.trainer_utils.get_last_checkpoint``)."""
+    folder = get_last_checkpoint(output_dir)
+    if folder is None:
+        raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+    return folder
 
 
 def without_lookbehind_entries(state_dict: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

@@ -1,11 +1,14 @@
 """How ``LookbehindTrainer`` saves and resumes: :class:`CheckpointResume`, the overrides of the
 Trainer's checkpoint methods that the Trainer layer mixes in.
 
-A resumed run is bit-identical or refused: a checkpoint is checked before any work
-(:mod:`~hf_lookbehind.trainer.checkpoint_files`); a missing optimizer file is refused where the
-checkpoint cut a Lookbehind cycle (whose fast and perturbed weights were in it), and otherwise
-resumed with what starts anew said; a missing scheduler file is rebuilt from the step count.
-Under FSDP2 every process saves and loads its own shard of the engine's state.
+``resume_from_checkpoint`` takes the checkpoint the Trainer takes, and a checkpoint the Trainer
+would fail on is refused with the Trainer's exception, before any work
+(:mod:`~hf_lookbehind.trainer.checkpoint_files`). With ``--lookbehind_method none`` the files
+are read as the Trainer reads them (an optimizer state the engine wrote loses its entries).
+With the engine a resumed run is bit-identical or refused: a missing optimizer file is refused
+where the checkpoint cut a Lookbehind cycle (whose fast and perturbed weights were in it), and
+otherwise resumed with what starts anew said; a missing scheduler file is rebuilt from the step
+count. Under FSDP2 every process saves and loads its own shard of the engine's state.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from transformers.trainer_utils import TrainOutput
 from ..engine import saved_record
 from .checkpoint_files import (
     check_checkpoint,
+    last_checkpoint,
     load_checkpoint_file,
-    newest_complete_checkpoint,
     without_lookbehind_entries,
 )
 
@@ -52,10 +55,10 @@ class CheckpointResume:
         ignore_keys_for_eval: list[str] | None = None,
     ) -> TrainOutput:
         """The Trainer's ``train()``. ``resume_from_checkpoint=True`` takes the newest
-        checkpoint whose saving finished; a checkpoint is checked before any work (see
+        checkpoint, as the Trainer does; a checkpoint is checked before any work (see
         :func:`check_checkpoint`)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_checkpoint(self.args.output_dir)
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             model = None if self.is_fsdp_enabled else self.model
             check_checkpoint(str(resume_from_checkpoint), model)
@@ -222,14 +225,30 @@ class CheckpointResume:
         torch.save(self.lookbehind.state_dict(), self._optimizer_file(output_dir))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Where the Trainer would skip a missing optimizer or scheduler file (and with it the
-        other one): refuse if the checkpoint cut a Lookbehind cycle, else load what is there and
-        say what starts anew; a truncated file is named."""
+        """``--lookbehind_method none``: as the Trainer, which loads neither file where one is
+        missing. With the engine, where the Trainer would skip a missing optimizer or scheduler
+        file (and with it the other one): refuse if the checkpoint cut a Lookbehind cycle, else
+        load what is there and say what starts anew. A truncated file is named."""
         if checkpoint is None or (self.is_fsdp_enabled and not self.saves_optimizer_shards):
             return super()._load_optimizer_and_scheduler(checkpoint)
         optimizer_file = self._optimizer_file(checkpoint)
+        scheduler_file = os.path.join(checkpoint, SCHEDULER_NAME)
+        if self.lookbehind is None and not (
+            os.path.isfile(optimizer_file) and os.path.isfile(scheduler_file)
+        ):
+            logger.warning(
+                "%s lacks %s: the optimizer and the learning-rate schedule start anew, as "
+                "transformers.Trainer starts them",
+                checkpoint,
+                " and ".join(
+                    os.path.basename(path)
+                    for path in (optimizer_file, scheduler_file)
+                    if not os.path.isfile(path)
+                ),
+            )
+            return super()._load_optimizer_and_scheduler(checkpoint)
         state_dict = self._read_optimizer_state(optimizer_file)
-        self._load_scheduler(os.path.join(checkpoint, SCHEDULER_NAME))
+        self._load_scheduler(scheduler_file)
         if state_dict is None:
             self._follow_scheduler()
         else:

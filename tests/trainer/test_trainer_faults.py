@@ -18,7 +18,9 @@ from helpers.trainer_harness import (
     model_and_sgd_from_checkpoint,
     sequential_closures,
 )
+from safetensors.torch import load_file
 from torch import nn
+from transformers import TrainerState
 
 from hf_lookbehind import Lookbehind
 
@@ -27,8 +29,8 @@ MODES = {
     "same_batch": dict(lookbehind_k=K),
     "switching": dict(lookbehind_k=K, minibatch_switching=True),
 }
-CASES = [(mode, batchnorm) for mode in MODES for batchnorm in (False, True)]
 FILES = ("optimizer.pt", "scheduler.pt", "trainer_state.json", "model.safetensors")
+CASES = [(mode, batchnorm) for mode in MODES for batchnorm in (False, True)]
 
 
 def trainer_for(output_dir: Path, mode: str, batchnorm: bool, **overrides):
@@ -138,40 +140,75 @@ def test_a_missing_scheduler_file_rebuilds_the_schedule_from_the_step_count(
     assert_same_state(model, run[3])
 
 
-def test_an_interrupted_checkpoint_is_skipped_for_the_newest_complete_one(run, tmp_path, caplog):
+def test_an_interrupted_checkpoint_is_taken_and_refused_naming_the_newest_complete_one(
+    run, tmp_path
+):
     """A kill while the Trainer saved checkpoint-3 leaves it without trainer_state.json (written
-    last): resume_from_checkpoint=True resumes from checkpoint-2 and says so."""
+    last): resume_from_checkpoint=True takes it, as the Trainer does, and refuses it with the
+    Trainer's exception, naming the checkpoint to resume from instead, which resumes exactly."""
     output_dir = copy_checkpoints(run, tmp_path, 2, 3)
     (output_dir / "checkpoint-3" / "trainer_state.json").unlink()
-    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
-        model = resume(run, output_dir, True)
-    assert "checkpoint-3" in caplog.text and "trainer_state.json" in caplog.text
-    assert_same_state(model, run[3])
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"No such file or directory: '.*checkpoint-3/trainer_state\.json' .*did not "
+        r"finish; resume from .*checkpoint-2, the newest complete",
+    ):
+        resume(run, output_dir, True)
+    assert_same_state(resume(run, output_dir, str(output_dir / "checkpoint-2")), run[3])
 
 
-def test_a_truncated_trainer_state_counts_as_an_interrupted_checkpoint(run, tmp_path, caplog):
+def test_a_truncated_trainer_state_counts_as_an_interrupted_checkpoint(run, tmp_path):
     output_dir = copy_checkpoints(run, tmp_path, 2, 3)
     truncate(output_dir / "checkpoint-3" / "trainer_state.json")
-    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
-        model = resume(run, output_dir, True)
-    assert "checkpoint-3" in caplog.text
-    assert_same_state(model, run[3])
+    with pytest.raises(
+        ValueError,  # json's JSONDecodeError, as the Trainer meets it
+        match=r"checkpoint-3/trainer_state\.json is truncated or corrupt: .*checkpoint-2",
+    ):
+        resume(run, output_dir, True)
 
 
-@pytest.mark.parametrize("name", ["trainer_state.json", "model.safetensors"])
-def test_a_checkpoint_without_its_state_or_model_is_refused_by_name(run, tmp_path, name):
+def test_a_checkpoint_without_its_state_is_refused_by_name(run, tmp_path):
     output_dir = copy_checkpoints(run, tmp_path, 3)
-    (output_dir / "checkpoint-3" / name).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"checkpoint-3/{name} is missing.*earlier"):
+    (output_dir / "checkpoint-3" / "trainer_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-3/trainer_state\.json'.*earlier"):
         resume(run, output_dir, str(output_dir / "checkpoint-3"))
+
+
+def test_a_checkpoint_without_its_model_is_refused_as_the_trainer_refuses_it(run, tmp_path):
+    output_dir = copy_checkpoints(run, tmp_path, 3)
+    (output_dir / "checkpoint-3" / "model.safetensors").unlink()
+    with pytest.raises(
+        ValueError, match=r"^Can't find a valid checkpoint at .*checkpoint-3: .*model\.safetensors"
+    ):
+        resume(run, output_dir, str(output_dir / "checkpoint-3"))
+
+
+def reader_error(path: Path) -> Exception:
+    """What the Trainer meets reading ``path``."""
+    try:
+        if path.suffix == ".json":
+            TrainerState.load_from_json(str(path))
+        elif path.suffix == ".safetensors":
+            load_file(path)
+        else:
+            torch.load(path, weights_only=True)
+    except Exception as error:  # the exception is what is compared
+        return error
+    raise AssertionError(f"{path} reads")
 
 
 @pytest.mark.parametrize("name", FILES)
 def test_a_truncated_file_is_named(run, tmp_path, name):
+    """With the exception its reader raises (the Trainer's, and its message first), before any
+    work."""
     output_dir = copy_checkpoints(run, tmp_path, 3)
-    truncate(output_dir / "checkpoint-3" / name)
-    with pytest.raises(ValueError, match=rf"checkpoint-3/{name} is truncated or corrupt"):
-        resume(run, output_dir, str(output_dir / "checkpoint-3"))
+    path = output_dir / "checkpoint-3" / name
+    truncate(path)
+    expected = reader_error(path)
+    with pytest.raises(Exception, match=rf"checkpoint-3/{name} is truncated or corrupt") as raised:
+        resume(run, output_dir, str(path.parent))
+    assert type(raised.value) is type(expected)
+    assert str(raised.value).startswith(str(expected))
 
 
 @pytest.mark.parametrize(

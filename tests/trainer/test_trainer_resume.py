@@ -1,6 +1,7 @@
-"""LookbehindTrainer resumed on the same instance, from the newest complete checkpoint, and with
-a changed method: each run continues exactly as an independent run from the same state (a fresh
-Trainer resumed from the checkpoint, or the engine in a plain loop)."""
+"""LookbehindTrainer resumed on the same instance, from the newest checkpoint, with a changed
+method, and on a PEFT model (LoRA): each run continues exactly as an independent run from the
+same state (a fresh Trainer resumed from the checkpoint, the uninterrupted run, or the engine in
+a plain loop)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import pytest
 import torch
 from helpers.models import max_param_difference
+from helpers.tiny_lm import causal_lm, char_tokenizer, question
 from helpers.trainer_harness import (
     MODES,
     engine_kwargs,
@@ -17,8 +19,11 @@ from helpers.trainer_harness import (
     model_and_sgd_from_checkpoint,
     sequential_closures,
 )
+from peft import LoraConfig, get_peft_model
+from torch.utils.data import Dataset
+from transformers import TrainingArguments
 
-from hf_lookbehind import Lookbehind
+from hf_lookbehind import Lookbehind, LookbehindConfig, LookbehindTrainer
 
 
 @pytest.mark.parametrize("mode", ["same_batch", "switching"])
@@ -122,3 +127,97 @@ def test_resuming_a_plain_checkpoint_with_lookbehind_starts_a_cycle_on_its_momen
         engine.step(closure)
     assert engine.cycle_position == resumed.lookbehind.cycle_position == 1
     assert max_param_difference(resumed.model, model) < 1e-10
+
+
+# ------------------------------------------------------------------------------------ LoRA
+LORA_TARGETS = ("q_proj", "v_proj")
+LORA_MODES = {
+    "same_batch": (LookbehindConfig(lookbehind_k=2, rho=0.05), 2),
+    # Resumed from step 3 with k = 2: inside a cycle, its buffers in optimizer.pt.
+    "switching": (LookbehindConfig(lookbehind_k=2, rho=0.05, minibatch_switching=True), 3),
+}
+
+
+class Questions(Dataset):
+    """The tiny language model's questions as padded token ids, the padding masked out of the
+    loss."""
+
+    def __init__(self, n: int = 16, length: int = 24) -> None:
+        tokenizer = char_tokenizer()
+        encoded = tokenizer(
+            [question(i) for i in range(n)],
+            padding="max_length",
+            max_length=length,
+            return_tensors="pt",
+        )
+        self.ids, self.mask = encoded["input_ids"], encoded["attention_mask"]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids, mask = self.ids[index], self.mask[index]
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": ids.masked_fill(mask == 0, -100),
+        }
+
+
+def lora_trainer(output_dir, lookbehind: LookbehindConfig, targets=LORA_TARGETS, **overrides):
+    """LookbehindTrainer on a PEFT model (LoRA on a tiny Llama), saved after every step."""
+    model = get_peft_model(
+        causal_lm(char_tokenizer()), LoraConfig(r=4, target_modules=list(targets))
+    )
+    settings = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=1,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    args = TrainingArguments(**{**settings, **overrides})
+    return LookbehindTrainer(
+        model=model, args=args, train_dataset=Questions(), lookbehind=lookbehind
+    )
+
+
+@pytest.mark.parametrize("mode", LORA_MODES)
+def test_a_lora_run_resumes_bit_identically(tmp_path, mode):
+    """A checkpoint holds the adapter as PEFT saves it (adapter_model.safetensors): resumed, the
+    run ends where the uninterrupted run ends, also from inside a switching cycle."""
+    lookbehind, step = LORA_MODES[mode]
+    uninterrupted = lora_trainer(tmp_path / "whole", lookbehind)
+    uninterrupted.train()
+    checkpoint = tmp_path / "whole" / f"checkpoint-{step}"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (checkpoint / "model.safetensors").exists()
+
+    resumed = lora_trainer(tmp_path / "resumed", lookbehind)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected = uninterrupted.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert resumed.gradient_computations == uninterrupted.gradient_computations
+
+
+def test_a_lora_checkpoint_of_other_target_modules_is_refused_naming_a_few_names(tmp_path):
+    """LoRA on q_proj and v_proj, resumed on all four attention projections: the adapter file
+    lacks 8 tensors per layer pair; the refusal names a few of them and the count."""
+    lookbehind = LORA_MODES["same_batch"][0]
+    lora_trainer(tmp_path, lookbehind, max_steps=1).train()
+    other = lora_trainer(tmp_path, lookbehind, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    with pytest.raises(
+        ValueError, match=r"adapter_model\.safetensors was written for another"
+    ) as e:
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    message = str(e.value)
+    assert "missing: 8 (" in message and "and 3 more" in message
+    assert message.count(".lora_") == 5

@@ -213,6 +213,51 @@ def test_sft_with_lora_logs_what_plain_sft_logs(tmp_path, lookbehind, accumulati
     assert_same_weights(reloaded, trainer)
 
 
+class LookbehindSFTTrainer(LookbehindMixin, SFTTrainer):
+    pass
+
+
+def lora_sft(output_dir, lookbehind: LookbehindConfig):
+    """SFT with LoRA from peft_config, 4 steps on a linear schedule, saved after every step."""
+    tokenizer = char_tokenizer()
+    args = config(
+        SFTConfig,
+        output_dir,
+        max_steps=4,
+        lr_scheduler_type="linear",
+        save_strategy="steps",
+        save_steps=1,
+        seed=0,
+    )
+    return LookbehindSFTTrainer(
+        model=causal_lm(tokenizer),
+        args=args,
+        lookbehind=lookbehind,
+        train_dataset=instructions(),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**LORA),
+    )
+
+
+@pytest.mark.parametrize(
+    "lookbehind, step", [(SAME_BATCH, 2), (SWITCHING, 3)], ids=["same_batch", "switching_mid_cycle"]
+)
+def test_sft_with_lora_resumes_bit_identically(tmp_path, lookbehind, step):
+    """The checkpoints hold the adapter as PEFT saves it; resumed from one (in switching mode
+    from inside a cycle of k = 2), the run ends where the uninterrupted run ends."""
+    uninterrupted = lora_sft(tmp_path / "whole", lookbehind)
+    uninterrupted.train()
+    checkpoint = tmp_path / "whole" / f"checkpoint-{step}"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+
+    resumed = lora_sft(tmp_path / "resumed", lookbehind)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    expected = uninterrupted.model.state_dict()
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    assert resumed.gradient_computations == uninterrupted.gradient_computations
+
+
 # ------------------------------------------------------------------------------------- DPO
 @pytest.mark.parametrize("reference", ["ref_model", "lora"])
 def test_dpo_runs_the_reference_once_per_batch(tmp_path, reference):
