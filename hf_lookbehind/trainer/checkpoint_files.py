@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import logging
 import os
 import pickle
 import re
@@ -17,6 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel, TrainerState
 from transformers.trainer import FSDP_MODEL_NAME, TRAINER_STATE_NAME
+from transformers.trainer_pt_utils import safe_globals
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -27,6 +29,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
+logger = logging.getLogger(__name__)
 CHECKPOINT_FOLDER = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 # The model files the Trainer resumes from, in the order it looks for them.
 MODEL_FILES = (
@@ -226,6 +229,31 @@ def check_checkpoint(folder: str, model: nn.Module | None) -> None:
     if model is not None:
         check_model_file(folder, model)
     read_trainer_state(folder)
+
+
+def check_rng_state(folder: str, process_index: int, world_size: int, engine: bool) -> None:
+    """The checkpoint's random state for this process (``rng_state.pth``, or
+    ``rng_state_{i}.pth`` under several processes) reads, or a truncated one is named before any
+    work. ``engine``: its absence is said in a warning (dropout masks and sampling start anew,
+    so the run does not continue exactly), where the Trainer logs it at the info level."""
+    name = f"rng_state_{process_index}.pth" if world_size > 1 else "rng_state.pth"
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        if engine:
+            logger.warning(
+                "%s is missing: the resumed run draws other dropout masks and samples than the "
+                "uninterrupted one, so it does not continue exactly",
+                path,
+            )
+        return
+    try:
+        with safe_globals():
+            torch.load(path, weights_only=True)
+    except (*UNREADABLE, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(
+            f"{path} is truncated or corrupt ({type(error).__name__}: {error}); restore it from "
+            "a copy, or resume from an earlier checkpoint"
+        ) from error
 
 
 def last_checkpoint(output_dir: str) -> str:

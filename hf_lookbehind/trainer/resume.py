@@ -13,6 +13,7 @@ count. Under FSDP2 every process saves and loads its own shard of the engine's s
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -25,12 +26,16 @@ from transformers.trainer_utils import TrainOutput
 from ..engine import saved_record
 from .checkpoint_files import (
     check_checkpoint,
+    check_rng_state,
     last_checkpoint,
     load_checkpoint_file,
     without_lookbehind_entries,
 )
 
 OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
+# The engine's cycle position, beside the optimizer file: what a checkpoint that lost that file
+# still tells of the open cycle.
+CYCLE_RECORD = "lookbehind_cycle.json"
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +67,12 @@ class CheckpointResume:
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             model = None if self.is_fsdp_enabled else self.model
             check_checkpoint(str(resume_from_checkpoint), model)
+            check_rng_state(
+                str(resume_from_checkpoint),
+                self.args.process_index,
+                self.args.world_size,
+                engine=self.uses_lookbehind,
+            )
         output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         self._report_an_open_last_cycle()
         return output
@@ -128,26 +139,31 @@ class CheckpointResume:
         return None
 
     def _refuse_an_open_cycle(self, optimizer_file: str) -> None:
-        """Without the optimizer file, ``global_step`` of ``trainer_state.json`` tells whether the
-        checkpoint cut a Lookbehind cycle, whose fast and perturbed weights were in that file."""
+        """Without the optimizer file, the cycle position recorded beside it
+        (``CYCLE_RECORD``) tells whether the checkpoint cut a Lookbehind cycle, whose fast and
+        perturbed weights were in that file; a checkpoint without the record is refused
+        wherever the setup could have cut one."""
         engine = self.lookbehind
         if engine is None:
             return
-        if engine.method_window is not None and engine.method_window.inside.cycles:
+        record = os.path.join(os.path.dirname(optimizer_file), CYCLE_RECORD)
+        if os.path.isfile(record):
+            with open(record) as file:
+                position = json.load(file)["cycle_position"]
+        elif engine.settings.cycles or engine.method_window is not None:
             raise ValueError(
-                f"{optimizer_file} is missing, and with --lookbehind_start_epoch/"
-                "--lookbehind_end_epoch the step count does not tell whether the checkpoint "
-                "cut a Lookbehind cycle; restore the file, or resume from an earlier checkpoint"
+                f"{optimizer_file} and {record} are missing, so nothing tells whether the "
+                "checkpoint cut a Lookbehind cycle; restore the optimizer file, or resume from "
+                "an earlier checkpoint"
             )
-        step = self.state.global_step
-        position = step % engine.settings.k if engine.settings.cycles else 0
+        else:
+            position = 0
         if position:
             raise ValueError(
-                f"{optimizer_file} is missing, but the checkpoint (global_step {step} in "
-                f"{TRAINER_STATE_NAME}) is {position} of {engine.settings.k} inner steps into a "
-                "Lookbehind cycle, whose fast and perturbed weights were in that file; restore it, "
-                "or resume from a checkpoint at a cycle boundary (a global_step that is a "
-                f"multiple of {engine.settings.k})"
+                f"{optimizer_file} is missing, but the checkpoint is {position} of "
+                f"{engine.settings.k} inner steps into a Lookbehind cycle (recorded in {record}), "
+                "whose fast and perturbed weights were in that file; restore it, or resume from "
+                "a checkpoint between cycles"
             )
 
     def _load_scheduler(self, path: str) -> None:
@@ -215,6 +231,10 @@ class CheckpointResume:
         return prepared
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        engine = self.lookbehind
+        if engine is not None and self.args.should_save:
+            with open(os.path.join(output_dir, CYCLE_RECORD), "w") as file:
+                json.dump({"cycle_position": engine.cycle_position}, file)
         if not self.saves_optimizer_shards:
             super()._save_optimizer_and_scheduler(output_dir)
             return

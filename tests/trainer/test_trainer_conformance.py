@@ -81,9 +81,17 @@ def build(kind: str, output_dir: Path, model=None, **overrides) -> Trainer:
     return LookbehindTrainer(model=model, args=args, lookbehind=LOOKBEHIND[kind], **data)
 
 
+# The package's own file beside the Trainer's (documented in docs/trainer.md): the engine's
+# cycle position, written only with an engine.
+OWN_FILES = ("lookbehind_cycle.json",)
+
+
 def files_under(root: Path) -> dict[str, list[str]]:
+    """The files the Trainer writes, in each folder (the package's own left out)."""
     return {
-        str(folder.relative_to(root)): sorted(p.name for p in folder.iterdir() if p.is_file())
+        str(folder.relative_to(root)): sorted(
+            p.name for p in folder.iterdir() if p.is_file() and p.name not in OWN_FILES
+        )
         for folder in sorted([root, *root.rglob("*")])
         if folder.is_dir()
     }

@@ -263,3 +263,22 @@ def test_a_checkpoint_of_another_model_is_refused_by_name(run, tmp_path):
         ValueError, match=r"checkpoint-3/model\.safetensors was written for another"
     ):
         other.train(resume_from_checkpoint=str(output_dir / "checkpoint-3"))
+
+
+def test_a_missing_optimizer_file_is_judged_by_the_recorded_cycle_position(tmp_path):
+    """Trained with the base optimizer alone for 3 steps, then with minibatch switching (k = 2)
+    from that checkpoint: checkpoint-4 is 1 inner step into a cycle, though 4 is a multiple of
+    k. Without its optimizer file it is refused, by the position recorded beside it."""
+    switching = dict(lookbehind_k=2, minibatch_switching=True)
+    plain = make_trainer(
+        tmp_path, lookbehind_method="none", save_strategy="steps", save_steps=1, max_steps=3
+    )
+    plain.train()
+    resumed = make_trainer(tmp_path, **switching, save_strategy="steps", save_steps=1, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert resumed.lookbehind.cycle_position == 1
+    checkpoint = tmp_path / "checkpoint-4"
+    (checkpoint / "optimizer.pt").unlink()
+    again = make_trainer(tmp_path, **switching, max_steps=6)
+    with pytest.raises(ValueError, match=r"optimizer\.pt is missing.*1 of 2 inner steps"):
+        again.train(resume_from_checkpoint=str(checkpoint))

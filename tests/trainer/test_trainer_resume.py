@@ -221,3 +221,26 @@ def test_a_lora_checkpoint_of_other_target_modules_is_refused_naming_a_few_names
     message = str(e.value)
     assert "missing: 8 (" in message and "and 3 more" in message
     assert message.count(".lora_") == 5
+
+
+def test_a_checkpoint_without_a_readable_random_state_is_named_before_any_work(tmp_path, caplog):
+    """With dropout the random state decides the resumed run: a truncated ``rng_state.pth`` is
+    refused, naming the file, before any work; a missing one is said in a warning (the run
+    does not continue exactly), where the Trainer logs it at the info level."""
+    overrides = dict(MODES["same_batch"], save_strategy="steps", save_steps=2, max_steps=2)
+    make_trainer(tmp_path / "run", **overrides).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    rng = checkpoint / "rng_state.pth"
+    saved = rng.read_bytes()
+    rng.write_bytes(saved[:40])
+    resumed = make_trainer(tmp_path / "resumed", **{**overrides, "max_steps": 4})
+    before = [p.detach().clone() for p in resumed.model.parameters()]
+    with pytest.raises(ValueError, match=r"rng_state\.pth is truncated or corrupt"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(p, b) for p, b in zip(resumed.model.parameters(), before))
+    rng.unlink()
+    with caplog.at_level(logging.WARNING, logger="hf_lookbehind"):
+        make_trainer(tmp_path / "again", **{**overrides, "max_steps": 4}).train(
+            resume_from_checkpoint=str(checkpoint)
+        )
+    assert "rng_state.pth is missing: the resumed run draws other dropout masks" in caplog.text
