@@ -11,6 +11,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 from typing import Any
 
 import torch
@@ -77,6 +78,20 @@ def corrupt_file_error(path: str, error: BaseException) -> BaseException:
         error,
         f"{error} ({path} is truncated or corrupt: restore it from a copy, or resume from an "
         "earlier checkpoint)",
+    )
+
+
+def writing_failed(error: BaseException, folder: str) -> str:
+    """Why writing a checkpoint into ``folder`` failed, in words: the file being written (the
+    newest in the folder), the error, and the space left on the folder's disk."""
+    written = [os.path.join(folder, name) for name in os.listdir(folder)]
+    newest = max(written, key=os.path.getmtime, default=folder)
+    free = shutil.disk_usage(folder).free
+    cause = "the disk is full" if free < 1 << 20 else "see the error"
+    return (
+        f"writing {newest} failed ({error}); {free} bytes are left on the disk of {folder}, so "
+        f"{cause}: free space or save elsewhere (--output_dir), then resume from the last "
+        "complete checkpoint"
     )
 
 

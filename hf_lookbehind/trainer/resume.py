@@ -29,7 +29,9 @@ from .checkpoint_files import (
     check_rng_state,
     last_checkpoint,
     load_checkpoint_file,
+    with_message,
     without_lookbehind_entries,
+    writing_failed,
 )
 
 OPTIMIZER_SHARD = "lookbehind_optimizer_rank{rank}.pt"
@@ -231,6 +233,14 @@ class CheckpointResume:
         return prepared
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's save, with the engine's cycle record; a write that fails (a full disk)
+        is named: the file, the folder and the space left on its disk."""
+        try:
+            self._write_optimizer_and_scheduler(output_dir)
+        except (OSError, RuntimeError) as error:
+            raise with_message(error, writing_failed(error, output_dir)) from error
+
+    def _write_optimizer_and_scheduler(self, output_dir: str) -> None:
         engine = self.lookbehind
         if engine is not None and self.args.should_save:
             with open(os.path.join(output_dir, CYCLE_RECORD), "w") as file:

@@ -282,3 +282,32 @@ def test_a_missing_optimizer_file_is_judged_by_the_recorded_cycle_position(tmp_p
     again = make_trainer(tmp_path, **switching, max_steps=6)
     with pytest.raises(ValueError, match=r"optimizer\.pt is missing.*1 of 2 inner steps"):
         again.train(resume_from_checkpoint=str(checkpoint))
+
+
+def test_a_full_disk_while_saving_names_the_file_and_the_cause(tmp_path, monkeypatch):
+    """torch.save on a full disk raises "[enforce fail at inline_container.cc:672] . unexpected
+    pos 64 vs 0", which names neither the file nor the cause: the error the run ends with
+    names both (same exception type)."""
+    from collections import namedtuple
+
+    from hf_lookbehind.trainer import checkpoint_files
+
+    plain_save = torch.save
+
+    def full_disk_save(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):
+            with open(path, "wb") as file:
+                file.write(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+        return plain_save(obj, path, *args, **kwargs)
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    monkeypatch.setattr(checkpoint_files.shutil, "disk_usage", lambda folder: usage(1, 1, 0))
+    trainer = make_trainer(tmp_path, save_strategy="steps", save_steps=1, max_steps=1)
+    with pytest.raises(RuntimeError, match=r"writing .*checkpoint-1/optimizer\.pt failed") as info:
+        trainer.train()
+    assert "unexpected pos 64 vs 0" in str(info.value)
+    assert "0 bytes are left on the disk" in str(info.value) and "the disk is full" in str(
+        info.value
+    )
