@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import copy
 import errno
+import json
 import logging
 import os
 import pickle
 import re
 import shutil
+import zlib
 from typing import Any
 
 import torch
@@ -79,6 +81,77 @@ def corrupt_file_error(path: str, error: BaseException) -> BaseException:
         f"{error} ({path} is truncated or corrupt: restore it from a copy, or resume from an "
         "earlier checkpoint)",
     )
+
+
+MANIFEST = "lookbehind_manifest.json"
+_CHUNK = 16 << 20
+
+
+def file_digest(path: str) -> str:
+    """The CRC-32 of a file's bytes, read in chunks (about 2.5 GB/s of CPU on one core)."""
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def write_manifest(folder: str) -> None:
+    """Record every file of a checkpoint with its size and CRC-32, in ``MANIFEST``, written
+    last (and atomically): a resumed run checks each file against it."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            relative = os.path.relpath(path, folder)
+            if relative != MANIFEST:
+                files[relative] = {"size": os.path.getsize(path), "crc32": file_digest(path)}
+    written = os.path.join(folder, MANIFEST + ".tmp")
+    with open(written, "w") as file:
+        json.dump({"files": files}, file, indent=1)
+    os.replace(written, os.path.join(folder, MANIFEST))
+
+
+def check_manifest(folder: str) -> None:
+    """Every file a checkpoint's ``MANIFEST`` lists that is still there has its saved size and
+    CRC-32: a file damaged in place (flipped bytes) or copied in from another
+    checkpoint is refused, named, before any work. Missing and truncated (unreadable) files are
+    left to the checks that name them as such; a checkpoint without a manifest is not checked."""
+    manifest = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(manifest):
+        return
+    with open(manifest) as file:
+        files = json.load(file)["files"]
+    for relative, saved in files.items():
+        path = os.path.join(folder, relative)
+        if not os.path.isfile(path):
+            continue
+        size = os.path.getsize(path)
+        if size != saved["size"] and not readable(path):
+            continue  # truncated: its reader names it
+        if size != saved["size"] or file_digest(path) != saved["crc32"]:
+            raise ValueError(
+                f"{path} differs from the file saved ({size} bytes and its CRC-32 against the "
+                f"{saved['size']} bytes recorded in {manifest}): damaged, or copied in from "
+                "another checkpoint; restore it, or resume from an earlier checkpoint"
+            )
+
+
+def readable(path: str) -> bool:
+    """Whether a checkpoint file reads whole (a truncated one does not)."""
+    try:
+        if path.endswith(".safetensors"):
+            with safe_open(path, framework="pt") as saved:
+                saved.keys()
+        elif path.endswith((".pt", ".pth", ".bin")):
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        elif path.endswith(".json"):
+            with open(path) as file:
+                json.load(file)
+    except (*UNREADABLE, UnicodeDecodeError, ValueError):
+        return False
+    return True
 
 
 def writing_failed(error: BaseException, folder: str) -> str:

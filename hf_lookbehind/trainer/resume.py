@@ -21,16 +21,18 @@ from typing import Any
 
 import torch
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..engine import saved_record
 from .checkpoint_files import (
     check_checkpoint,
+    check_manifest,
     check_rng_state,
     last_checkpoint,
     load_checkpoint_file,
     with_message,
     without_lookbehind_entries,
+    write_manifest,
     writing_failed,
 )
 
@@ -69,6 +71,7 @@ class CheckpointResume:
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             model = None if self.is_fsdp_enabled else self.model
             check_checkpoint(str(resume_from_checkpoint), model)
+            check_manifest(str(resume_from_checkpoint))
             check_rng_state(
                 str(resume_from_checkpoint),
                 self.args.process_index,
@@ -231,6 +234,17 @@ class CheckpointResume:
         )
         self._announce_an_open_last_cycle(max_steps)  # the checkpoint's cycle is loaded now
         return prepared
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, and with the engine its manifest, written last: every
+        file's size and CRC-32, checked before a run resumes from it."""
+        super()._save_checkpoint(model, trial)
+        if self.lookbehind is None:
+            return
+        self.accelerator.wait_for_everyone()  # every process's files are written
+        if self.args.should_save:
+            name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_manifest(os.path.join(self._get_output_dir(trial=trial), name))
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """The Trainer's save, with the engine's cycle record; a write that fails (a full disk)

@@ -83,7 +83,7 @@ def build(kind: str, output_dir: Path, model=None, **overrides) -> Trainer:
 
 # The package's own file beside the Trainer's (documented in docs/trainer.md): the engine's
 # cycle position, written only with an engine.
-OWN_FILES = ("lookbehind_cycle.json",)
+OWN_FILES = ("lookbehind_cycle.json", "lookbehind_manifest.json")
 
 
 def files_under(root: Path) -> dict[str, list[str]]:

@@ -6,6 +6,7 @@ or it stops before training with an error that names the file and what to change
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -310,4 +311,33 @@ def test_a_full_disk_while_saving_names_the_file_and_the_cause(tmp_path, monkeyp
     assert "unexpected pos 64 vs 0" in str(info.value)
     assert "0 bytes are left on the disk" in str(info.value) and "the disk is full" in str(
         info.value
+    )
+
+
+@pytest.mark.parametrize("damage", ["flipped_bytes", "copied_from_another_checkpoint"])
+@pytest.mark.parametrize("name", ["optimizer.pt", "model.safetensors"])
+def test_damage_nothing_else_detects_is_refused_by_the_manifest(tmp_path, damage, name):
+    """64 flipped bytes inside a file, or a file copied in from another checkpoint of the same
+    run, load without complaint and end far from the uninterrupted run; the manifest written
+    last with each file's size and CRC-32 refuses them, naming the file, before any work. An
+    intact checkpoint resumes as before."""
+    switching = dict(lookbehind_k=2, minibatch_switching=True)
+    run = tmp_path / "run"
+    make_trainer(run, **switching, save_strategy="steps", save_steps=1, max_steps=3).train()
+    checkpoint = run / "checkpoint-3"
+    assert (checkpoint / "lookbehind_manifest.json").is_file()
+    path = checkpoint / name
+    if damage == "flipped_bytes":
+        data = bytearray(path.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+        path.write_bytes(bytes(data))
+    else:
+        shutil.copy(run / "checkpoint-1" / name, path)
+    resumed = make_trainer(tmp_path / "resumed", **switching, max_steps=5)
+    with pytest.raises(ValueError, match=rf"{re.escape(name)} differs from the file saved"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    intact = run / "checkpoint-2"
+    make_trainer(tmp_path / "intact", **switching, max_steps=4).train(
+        resume_from_checkpoint=str(intact)
     )
