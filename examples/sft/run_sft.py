@@ -10,10 +10,15 @@ The flags are those of ``ModelArguments`` and ``DataArguments`` below, TRL's ``S
 each method. Evaluation runs on the slow weights; the adapter is saved to ``--output_dir`` and
 the metrics to ``all_results.json`` (``train_loss``, ``eval_loss``, ``eval_perplexity``,
 ``eval_mean_token_accuracy``, ``gradient_computations``, ...).
+
+TRL trains in bfloat16 by default, which needs a GPU or ``--use_cpu`` (bfloat16 on the CPU);
+on a machine without a GPU and without ``--use_cpu`` the recipe's default is float32 instead of
+TRL's error.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import math
 import sys
@@ -26,6 +31,8 @@ import transformers
 from datasets import DatasetDict, load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers.hf_argparser import string_to_bool
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig, SFTTrainer
 
 from hf_lookbehind import LookbehindConfig, LookbehindMixin
@@ -113,14 +120,26 @@ class DataArguments:
             raise ValueError("--validation_file goes with --train_file")
 
 
-def argument_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, SFTConfig, LookbehindConfig))
+def asks_for_cpu(argv: Sequence[str] | None) -> bool:
+    """Whether the command line has ``--use_cpu`` (``--use_cpu true``)."""
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--use_cpu", nargs="?", const=True, default=False, type=string_to_bool)
+    return reader.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].use_cpu
+
+
+def argument_parser(argv: Sequence[str] | None = None) -> HfArgumentParser:
+    """The recipe's flags for the command line ``argv``. TRL's default, bfloat16, needs an
+    accelerator or ``--use_cpu``: without either the default is float32 instead of an error."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, SFTConfig, LookbehindConfig))
+    if not is_torch_bf16_gpu_available() and not asks_for_cpu(argv):
+        parser.set_defaults(bf16=False)
+    return parser
 
 
 def parse_arguments(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, SFTConfig, LookbehindConfig]:
-    return argument_parser().parse_args_into_dataclasses(args=argv)
+    return argument_parser(argv).parse_args_into_dataclasses(args=argv)
 
 
 def load_splits(args: DataArguments) -> DatasetDict:
