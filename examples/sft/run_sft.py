@@ -13,15 +13,22 @@ the metrics to ``all_results.json`` (``train_loss``, ``eval_loss``, ``eval_perpl
 
 TRL trains in bfloat16 by default, which needs a GPU or ``--use_cpu`` (bfloat16 on the CPU);
 on a machine without a GPU and without ``--use_cpu`` the recipe's default is float32 instead of
-TRL's error.
+TRL's error. Without the hub it stops at once with the flags for local files and the tiny
+offline command of README.md.
 """
 
 from __future__ import annotations
 
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("sft", sys.argv[1:])
+
 import argparse
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -163,6 +170,7 @@ def load_splits(args: DataArguments) -> DatasetDict:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Fine-tune and evaluate; returns every metric written to ``all_results.json``."""
     model_args, data_args, training_args, lookbehind_args = parse_arguments(argv)
+    exit_if_hub_unreachable("sft", sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         handlers=[logging.StreamHandler(sys.stdout)],
