@@ -126,7 +126,15 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Curve]], path: str | Pa
         axes = figure.add_subplot(rows, columns, index + 1)
         for label, curves in runs.items():
             if key in curves:
-                axes.plot(curves[key].steps, curves[key].values, label=label, color=colours[label])
+                curve = curves[key]
+                axes.plot(
+                    curve.steps,
+                    curve.values,
+                    label=label,
+                    color=colours[label],
+                    marker="o" if len(curve.steps) <= 30 else None,  # few points: show each
+                    markersize=3,
+                )
         axes.set_title(readable(key))
         axes.set_xlabel("training step")
         axes.set_ylabel(readable(key))
