@@ -17,12 +17,14 @@ augmentation, through the trainer's own ``predict`` and ``compute_metrics``:
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Subset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from .cifar_data import CifarTensorDataset
+if TYPE_CHECKING:  # the CIFAR input pipeline needs datasets and torchvision; the main job neither
+    from .cifar_data import CifarTensorDataset
 
 NOISE_FITTED = "noise_fitted"
 CLEAN_TRAIN_ACCURACY = "clean_train_accuracy"

@@ -12,9 +12,19 @@ run are in ``hf_lookbehind_recipes.cifar``.
     accelerate launch examples/cifar/run_cifar.py --model_name resnet34 \\
         --dataset_name uoft-cs/cifar10 --lookbehind_method lookbehind --rho 0.05 \\
         --lookbehind_k 2 --lookbehind_alpha 0.5 --output_dir out/c10_r34_lb --do_train --do_eval
+
+Without the hub it stops at once with the flags for local files and the tiny offline command of
+README.md.
 """
 
 from __future__ import annotations
+
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("cifar", sys.argv[1:])
 
 from collections.abc import Sequence
 
@@ -24,6 +34,7 @@ from hf_lookbehind_recipes.cifar import load_cifar_data, parse_arguments, train_
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Train and evaluate one model; the metrics of ``all_results.json``."""
     model_args, data_args, lr_args, training_args = parse_arguments(argv)
+    exit_if_hub_unreachable("cifar", sys.argv[1:] if argv is None else argv)
     data = load_cifar_data(data_args, seed=training_args.seed)
     return train_cifar((model_args, data_args, lr_args, training_args), data)
 

@@ -21,9 +21,19 @@ paper's Table 1, ImageNet column): 90 epochs of SGD (momentum 0.9, weight decay 
 parameter), batch 256, lr 0.1 x global batch / 256, lr x0.1 at epochs 30 and 60, random
 resized crops of 224 px with flips for training, resize to 256 and center crop 224 for
 evaluation; Lookbehind in same-batch mode (k = 2, alpha 0.5, rho 0.05).
+
+Without the hub (a hub dataset or pretrained weights) it stops at once with the flags for local
+files and the tiny offline command of README.md.
 """
 
 from __future__ import annotations
+
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("image_classification", sys.argv[1:])
 
 import argparse
 import json
@@ -401,6 +411,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model_args, data_args, lr_args, training_args = parse_arguments(argv)
     set_seed(training_args.seed)
     track_best_accuracy(training_args, top_k=TOP_K)
+    exit_if_hub_unreachable("image_classification", sys.argv[1:] if argv is None else argv)
 
     train_split, eval_split = load_image_splits(data_args, seed=training_args.seed)
     image_column, label_column = image_and_label_columns(train_split, data_args)

@@ -11,9 +11,19 @@ accuracy and forgetting per seed, mean ± std), prints a table and draws a heatm
 
     python examples/lifelong/run_lifelong.py --benchmark split_cifar100 \\
         --method lookbehind_sam --episodic_replay --seeds 0 1 2 --output_dir out/er_lb
+
+Without the hub it stops at once with the flags for local files and the tiny offline command of
+README.md.
 """
 
 from __future__ import annotations
+
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("lifelong", sys.argv[1:])
 
 import json
 import time
@@ -345,6 +355,7 @@ def build_parser() -> HfArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict:
     data_args, method_args, run_args = build_parser().parse_args_into_dataclasses(args=argv)
     settings = method_args.hyperparameters(data_args.benchmark)  # fails before any data loads
+    exit_if_hub_unreachable("lifelong", sys.argv[1:] if argv is None else argv)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu")
         if run_args.device == "auto"

@@ -13,6 +13,11 @@ noisy labels. ``--label_noise 0`` trains on the clean labels. Every
 ``LookbehindTrainingArguments`` flag works; flags of Lookbehind alone (``--lookbehind_k``,
 ``--lookbehind_alpha``, ``--adaptive_alpha_scope``, ``--minibatch_switching``) apply to the
 Lookbehind runs only, for example ``--lookbehind_k 5 --lookbehind_alpha 0.8``.
+
+It prints one line per run (method, seed, result) under one progress bar for the whole job
+(``--disable_tqdm true`` drops the bar), then the table; ``--verbose`` shows the Trainer's logs
+and progress bars of every run instead. Launched in several processes (``accelerate launch``,
+``torchrun``), only the main process prints.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +33,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 from torch.utils.data import Dataset
-from transformers import HfArgumentParser
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from hf_lookbehind import LookbehindSettings, LookbehindTrainer, LookbehindTrainingArguments
 from hf_lookbehind_recipes.classifier import ImageClassifier
@@ -71,6 +79,13 @@ class NoisyLabelsArguments:
     methods: list[str] = field(
         default_factory=lambda: list(METHODS),
         metadata={"help": f"Methods to compare, from {', '.join(METHODS)}."},
+    )
+    verbose: bool = field(
+        default=False,
+        metadata={
+            "help": "Show the Trainer's logs and progress bars of every run (default: one line "
+            "per run under one progress bar for the whole job)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -161,7 +176,42 @@ def default_training_arguments() -> list[str]:
         "--report_to", "none",
         "--seed", "0",
         "--use_cpu",
+        "--ddp_find_unused_parameters", "false",  # the network uses every parameter
     ]  # fmt: skip
+
+
+class JobProgress(TrainerCallback):
+    """One progress bar over the training steps of every run of the job, shown from the start
+    of the first run (each run trains the same number of steps); lines go above it."""
+
+    def __init__(self, runs: int, enabled: bool) -> None:
+        self.runs, self.enabled = runs, enabled
+        self.bar: tqdm | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
+        if self.bar is None and self.enabled:
+            total = self.runs * state.max_steps
+            self.bar = tqdm(total=total, desc="training", unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def write(self, line: str) -> None:
+        """Print ``line`` above the bar."""
+        tqdm.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_line(label: str, seed: int, run: dict[str, float], noisy: bool) -> str:
+    noise = f", noisy fit {100 * run['noisy_fit']:.1f}%" if noisy else ""
+    return (
+        f"{label}, seed {seed}: test acc {100 * run['accuracy']:.2f}% (best "
+        f"{100 * run['best_accuracy']:.2f}%){noise}, {run['seconds']:.1f} s training"
+    )
 
 
 def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -199,6 +249,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     benchmark, args = parser.parse_args_into_dataclasses(argv)
     check_evaluation_flags(args, ("loss", "accuracy"), "the test accuracy")
     torch.set_num_threads(1)  # a small MLP: more threads only add overhead
+    main_process = args.process_index == 0
+    say = print if main_process else lambda *_, **__: None
     digits = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(
         digits.data, digits.target, test_size=benchmark.test_fraction, random_state=0,
@@ -206,20 +258,29 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     )  # fmt: skip
     y_noisy = noisy_labels(y_train, benchmark.label_noise, benchmark.label_noise_seed)
     mislabelled = y_noisy != y_train
+    noisy = bool(mislabelled.any())
     train_set, test_set = DigitsDataset(x_train, y_noisy), DigitsDataset(x_test, y_test)
-    print(
+    say(
         f"digits: {len(y_train)} training images ({int(mislabelled.sum())} with a wrong label, "
-        f"--label_noise {benchmark.label_noise}), {len(y_test)} test images (clean labels)"
+        f"--label_noise {benchmark.label_noise}), {len(y_test)} test images (clean labels)",
+        flush=True,
     )
-    results: dict[str, list[dict[str, float]]] = {}
+    runs: dict[str, LookbehindTrainingArguments] = {}
     for method in benchmark.methods:
         run_args = method_arguments(args, method)
-        label = method_label(method, run_args)
-        if label in results:
-            continue  # e.g. --lookbehind_adaptive_alpha makes both Lookbehind rows one
+        # e.g. --lookbehind_adaptive_alpha makes both Lookbehind rows one
+        runs.setdefault(method_label(method, run_args), run_args)
+    quiet = not benchmark.verbose
+    progress = JobProgress(
+        len(runs) * benchmark.seeds, enabled=quiet and main_process and not args.disable_tqdm
+    )
+    results: dict[str, list[dict[str, float]]] = {}
+    for label, run_args in runs.items():
         results[label] = []
         for seed in range(args.seed, args.seed + benchmark.seeds):
             seed_args = dataclasses.replace(run_args, seed=seed)
+            if quiet:  # no per-run bars; the Trainer's log dicts are not printed
+                seed_args = dataclasses.replace(seed_args, disable_tqdm=True)
             torch.manual_seed(seed)
             trainer = LookbehindTrainer(
                 model=ImageClassifier(digits_network(benchmark.hidden_size)),
@@ -228,22 +289,27 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
                 eval_dataset=test_set,
                 compute_metrics=top_k_accuracy(),
             )
+            if quiet:
+                trainer.remove_callback(PrinterCallback)
+                trainer.add_callback(progress)
             seconds = train_timed(trainer)["train_seconds"]
             metrics = trainer.evaluate()
             during = [e["eval_accuracy"] for e in trainer.state.log_history if "eval_accuracy" in e]
             train_predictions = trainer.predict(train_set).predictions.argmax(-1)
             fit = train_predictions[mislabelled] == y_noisy[mislabelled]
-            results[label].append(
-                {
-                    "accuracy": metrics["eval_accuracy"],
-                    "best_accuracy": max([*during, metrics["eval_accuracy"]]),
-                    "loss": metrics["eval_loss"],
-                    "noisy_fit": float(fit.mean()) if fit.size else float("nan"),
-                    "seconds": seconds,
-                }
-            )
-    print(f"\nmean ± std over {benchmark.seeds} seed(s) (training seeds from {args.seed}):")
-    print(format_table(results, noisy=bool(mislabelled.any())))
+            run = {
+                "accuracy": metrics["eval_accuracy"],
+                "best_accuracy": max([*during, metrics["eval_accuracy"]]),
+                "loss": metrics["eval_loss"],
+                "noisy_fit": float(fit.mean()) if fit.size else float("nan"),
+                "seconds": seconds,
+            }
+            results[label].append(run)
+            if main_process:
+                progress.write(run_line(label, seed, run, noisy))
+    progress.close()
+    say(f"\nmean ± std over {benchmark.seeds} seed(s) (training seeds from {args.seed}):")
+    say(format_table(results, noisy=noisy))
     return results
 
 

@@ -10,13 +10,25 @@ The flags are those of ``ModelArguments`` and ``DataArguments`` below, TRL's ``S
 each method. Evaluation runs on the slow weights; the adapter is saved to ``--output_dir`` and
 the metrics to ``all_results.json`` (``train_loss``, ``eval_loss``, ``eval_perplexity``,
 ``eval_mean_token_accuracy``, ``gradient_computations``, ...).
+
+TRL trains in bfloat16 by default, which needs a GPU or ``--use_cpu`` (bfloat16 on the CPU);
+on a machine without a GPU and without ``--use_cpu`` the recipe's default is float32 instead of
+TRL's error. Without the hub it stops at once with the flags for local files and the tiny
+offline command of README.md.
 """
 
 from __future__ import annotations
 
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("sft", sys.argv[1:])
+
+import argparse
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +38,8 @@ import transformers
 from datasets import DatasetDict, load_dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers.hf_argparser import string_to_bool
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig, SFTTrainer
 
 from hf_lookbehind import LookbehindConfig, LookbehindMixin
@@ -113,14 +127,26 @@ class DataArguments:
             raise ValueError("--validation_file goes with --train_file")
 
 
-def argument_parser() -> HfArgumentParser:
-    return HfArgumentParser((ModelArguments, DataArguments, SFTConfig, LookbehindConfig))
+def asks_for_cpu(argv: Sequence[str] | None) -> bool:
+    """Whether the command line has ``--use_cpu`` (``--use_cpu true``)."""
+    reader = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    reader.add_argument("--use_cpu", nargs="?", const=True, default=False, type=string_to_bool)
+    return reader.parse_known_args(sys.argv[1:] if argv is None else list(argv))[0].use_cpu
+
+
+def argument_parser(argv: Sequence[str] | None = None) -> HfArgumentParser:
+    """The recipe's flags for the command line ``argv``. TRL's default, bfloat16, needs an
+    accelerator or ``--use_cpu``: without either the default is float32 instead of an error."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, SFTConfig, LookbehindConfig))
+    if not is_torch_bf16_gpu_available() and not asks_for_cpu(argv):
+        parser.set_defaults(bf16=False)
+    return parser
 
 
 def parse_arguments(
     argv: Sequence[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, SFTConfig, LookbehindConfig]:
-    return argument_parser().parse_args_into_dataclasses(args=argv)
+    return argument_parser(argv).parse_args_into_dataclasses(args=argv)
 
 
 def load_splits(args: DataArguments) -> DatasetDict:
@@ -144,6 +170,7 @@ def load_splits(args: DataArguments) -> DatasetDict:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Fine-tune and evaluate; returns every metric written to ``all_results.json``."""
     model_args, data_args, training_args, lookbehind_args = parse_arguments(argv)
+    exit_if_hub_unreachable("sft", sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         handlers=[logging.StreamHandler(sys.stdout)],

@@ -8,9 +8,19 @@ trained with Lookbehind-SAM/ASAM or one of its baselines (``--lookbehind_method`
 See README.md for the full command of each method. Evaluation runs on the slow weights (the
 model holds them between Trainer steps); metrics go to ``all_results.json`` (``eval_bleu``,
 ``eval_sacrebleu``, ``test_bleu``, ...).
+
+Without the hub (``--dataset_name``) it stops at once with the flags for local files and the
+tiny offline command of README.md.
 """
 
 from __future__ import annotations
+
+import sys
+
+from hf_lookbehind_recipes.offline import exit_if_hub_unreachable
+
+if __name__ == "__main__":  # without the hub, fail in a second rather than after the imports
+    exit_if_hub_unreachable("translation", sys.argv[1:])
 
 import copy
 import logging
@@ -323,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train and evaluate; returns every metric written to ``all_results.json``."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TranslationTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    exit_if_hub_unreachable("translation", sys.argv[1:] if argv is None else argv)
     configure_logging(training_args)
     set_seed(training_args.seed)
 

@@ -2,7 +2,9 @@
 the Agg renderer, imported on first use; pyplot and the global backend are never touched).
 
 Every function saves a PNG to ``path`` and returns the ``Figure`` so that callers and tests can
-read back the plotted series.
+read back the plotted series. Axis labels are words, not log keys (:func:`readable`); a run keeps
+one colour in every panel of a figure; counts (steps, gradient computations) get integer ticks;
+the PNG is cropped to what was drawn, labels and legends included.
 """
 
 from __future__ import annotations
@@ -30,6 +32,35 @@ CURVE_TITLES = {
     "ascent_grad_norm": "ascent gradient norm",
     "perturbation_distance": "perturbation distance",
 }
+LABELS = {
+    **CURVE_TITLES,
+    "base_loss": "loss L(w) on the sharpness minibatches",
+    "train_loss": "training loss (mean over training)",
+    "eval_top1": "eval top-1 accuracy",
+    "eval_top5": "eval top-5 accuracy",
+    "eval_bleu": "eval BLEU",
+    "test_bleu": "test BLEU",
+    "gradient_computations": "gradient computations",
+}
+
+
+def readable(key: str) -> str:
+    """The words for a logged key: ``eval_accuracy`` -> ``eval accuracy``."""
+    return LABELS.get(key, key.replace("_", " "))
+
+
+def _colours(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per run, in order, from matplotlib's default cycle."""
+    from matplotlib import rcParams
+
+    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    return {label: cycle[index % len(cycle)] for index, label in enumerate(labels)}
+
+
+def _integer_ticks(axis) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -41,7 +72,7 @@ def _figure(width: float, height: float) -> Figure:
 def _save(figure: Figure, path: str | Path) -> Figure:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=DPI)
+    figure.savefig(path, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)
     return figure
 
 
@@ -74,29 +105,44 @@ def plot_noise_robustness(results: Mapping[str, NoiseRobustnessResult], path: st
     axes = figure.add_subplot()
     for label, result in results.items():
         _line_with_band(axes, result.sigmas, result.accuracy_mean, result.accuracy_std, label)
-    axes.set_xlabel("noise level sigma  (w <- w * N(1, sigma^2))")
+    axes.set_xlabel(r"noise level $\sigma$  ($w \leftarrow w \cdot \mathcal{N}(1, \sigma^2)$)")
     axes.set_ylabel("accuracy")
     axes.legend()
     return _save(figure, path)
 
 
 def plot_training_curves(runs: Mapping[str, Mapping[str, Curve]], path: str | Path) -> Figure:
-    """One panel per logged metric (alpha over training is Figure 10), one line per run."""
+    """One panel per logged metric (alpha over training is Figure 10), one line per run in the
+    same colour in every panel, and one legend for the figure."""
     keys = [key for key in CURVE_TITLES if any(key in curves for curves in runs.values())]
     keys += sorted({key for curves in runs.values() for key in curves} - set(keys))
     if not keys:
         raise ValueError("none of the runs logged a metric to plot")
+    colours = _colours(list(runs))
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
-    figure = _figure(4 * columns, 3 * rows)
+    figure = _figure(4 * columns, 3 * rows + 0.4)
     for index, key in enumerate(keys):
         axes = figure.add_subplot(rows, columns, index + 1)
         for label, curves in runs.items():
             if key in curves:
-                axes.plot(curves[key].steps, curves[key].values, label=label)
-        axes.set_title(CURVE_TITLES.get(key, key))
-        axes.set_xlabel("step")
-        axes.legend(fontsize="small")
+                curve = curves[key]
+                axes.plot(
+                    curve.steps,
+                    curve.values,
+                    label=label,
+                    color=colours[label],
+                    marker="o" if len(curve.steps) <= 30 else None,  # few points: show each
+                    markersize=3,
+                )
+        axes.set_title(readable(key))
+        axes.set_xlabel("training step")
+        axes.set_ylabel(readable(key))
+        _integer_ticks(axes.xaxis)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colours[label], label=label) for label in runs]
+    figure.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 4))
     return _save(figure, path)
 
 
@@ -117,6 +163,8 @@ def plot_metric_against_computations(
         reached = comparison.runs.get(label) if comparison is not None else None
         if reached is not None and reached.fraction is not None:
             name = f"{label} ({reached.fraction:.0%} of {comparison.reference})"
+        elif reached is not None:
+            name = f"{label} (never reaches {comparison.target:.4g})"
         (line,) = axes.plot(
             curve.gradient_computations, curve.values, marker="o", markersize=3, label=name
         )
@@ -132,7 +180,8 @@ def plot_metric_against_computations(
     if comparison is not None:
         axes.axhline(comparison.target, color="grey", linestyle="--", linewidth=1)
     axes.set_xlabel("gradient computations (forward/backward passes over the batch)")
-    axes.set_ylabel(metric)
+    axes.set_ylabel(readable(metric))
+    _integer_ticks(axes.xaxis)
     axes.legend(fontsize="small")
     return _save(figure, path)
 
@@ -140,13 +189,22 @@ def plot_metric_against_computations(
 def plot_tradeoff(
     points: Sequence[TradeoffPoint], path: str | Path, *, xlabel: str, ylabel: str
 ) -> Figure:
-    """Figure 1 style: one labelled point per run, x = sharpness, y = loss or accuracy."""
+    """Figure 1 style: one labelled point per run, x = sharpness, y = loss or accuracy. Each
+    label sits on the side of its point that faces the middle of the plot, inside the axes."""
     figure = _figure(5, 4)
     axes = figure.add_subplot()
-    axes.scatter([p.sharpness for p in points], [p.value for p in points])
+    xs, ys = [p.sharpness for p in points], [p.value for p in points]
+    axes.scatter(xs, ys)
+    axes.margins(x=0.2, y=0.15)
+    middle = (min(xs) + max(xs)) / 2 if points else 0.0
     for point in points:
+        right = point.sharpness <= middle
         axes.annotate(
-            point.label, (point.sharpness, point.value), xytext=(4, 4), textcoords="offset points"
+            point.label,
+            (point.sharpness, point.value),
+            xytext=(5 if right else -5, 5),
+            textcoords="offset points",
+            ha="left" if right else "right",
         )
     axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
@@ -174,20 +232,30 @@ def plot_sweep_heatmap(grid: SweepGrid, path: str | Path) -> Figure:
         image = axes.imshow(data, cmap="viridis")
     for i, row in enumerate(data):
         for j, value in enumerate(row):
-            if math.isfinite(value):
-                axes.text(
-                    j,
-                    i,
-                    f"{value:+.4f}" if relative else f"{value:.4f}",
-                    ha="center",
-                    va="center",
-                    fontsize="small",
-                )
+            if not math.isfinite(value):
+                axes.text(j, i, "not run", ha="center", va="center", color="grey")
+                continue
+            red, green, blue, _ = image.cmap(image.norm(value))
+            dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5
+            axes.text(
+                j,
+                i,
+                f"{value:+.4f}" if relative else f"{value:.4f}",
+                ha="center",
+                va="center",
+                fontsize="small",
+                color="white" if dark else "black",
+            )
     axes.set_xticks(range(len(grid.ks)), [str(k) for k in grid.ks])
     axes.set_yticks(range(len(grid.alphas)), grid.alphas)
-    axes.set_xlabel("k")
-    axes.set_ylabel("alpha")
-    title = f"{grid.metric} - baseline ({grid.baseline:.4f})" if relative else grid.metric
-    axes.set_title(title)
-    figure.colorbar(image, ax=axes)
+    axes.set_xlabel("k (fast steps per slow step)")
+    axes.set_ylabel("alpha (slow-weight step size)")
+    name = readable(grid.metric)
+    if relative:
+        axes.set_title(f"{name} minus the baseline's ({grid.baseline:.4f})")
+        bar_label = f"{name} - baseline"
+    else:
+        axes.set_title(name)
+        bar_label = name
+    figure.colorbar(image, ax=axes, label=bar_label)
     return _save(figure, path)

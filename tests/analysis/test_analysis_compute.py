@@ -132,7 +132,7 @@ def test_figure_plots_metric_against_counts_and_marks_the_first_reach(tmp_path):
         "multistep (100% of multistep)",
         "lookbehind (67% of multistep)",
         "sam (89% of multistep)",
-        "sgd",
+        f"sgd (never reaches {comparison.target:.4g})",
     }
     sam = lines["sam (89% of multistep)"]
     assert list(sam.get_xdata()) == [20, 40, 60, 80, 100, 100]

@@ -117,3 +117,23 @@ def test_every_flag_in_the_readme_is_a_recipe_flag():
     launcher = {"--multi_gpu", "--num_processes"}  # accelerate launch's
     unknown = mentioned - launcher - set(run_sft.argument_parser()._option_string_actions)
     assert not unknown, f"flags in examples/sft/README.md that the recipe lacks: {unknown}"
+
+
+def test_without_a_gpu_the_recipe_trains_in_float32_without_use_cpu(local_files, tmp_path):
+    """TRL's default bf16 needs an accelerator (or --use_cpu); without either the recipe's
+    default is float32, so the command needs no --use_cpu on a CPU. With --use_cpu, TRL's default
+    stays."""
+    from transformers.utils import is_torch_bf16_gpu_available
+
+    if is_torch_bf16_gpu_available():
+        pytest.skip("an accelerator with bfloat16: TRL's default applies")
+    flags = [flag for flag in recipe_flags(local_files, tmp_path) if flag != "--use_cpu"]
+    _, _, training_args, _ = run_sft.parse_arguments(flags)
+    assert training_args.bf16 is False and not training_args.use_cpu
+    adamw, passes = METHODS["adamw"]
+    results = run_sft.main([*flags, *adamw])
+    assert results["gradient_computations"] == passes * STEPS
+    _, _, with_cpu, _ = run_sft.parse_arguments(recipe_flags(local_files, tmp_path))
+    assert with_cpu.bf16 is True and with_cpu.use_cpu
+    with pytest.raises(ValueError, match="use_cpu"):  # asking for bf16 still needs --use_cpu
+        run_sft.parse_arguments([*flags, "--bf16", "true"])
