@@ -138,18 +138,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_causal_lm(folder: Path) -> Path:
-    """A 2-layer Llama of width 16 (random weights) and a character-level tokenizer with a chat
-    template, saved as a hub model is."""
-    import torch
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+
+def char_tokenizer():
+    """One token per printable character, with pad/bos/eos/unk and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    from transformers.utils.logging import disable_progress_bar
+    from transformers import PreTrainedTokenizerFast
 
-    disable_progress_bar()
-
-    special = ("<pad>", "<s>", "</s>", "<unk>")
-    vocab = {token: i for i, token in enumerate((*special, *string.printable))}
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *string.printable))}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     backend.decoder = decoders.Fuse()
@@ -158,14 +155,34 @@ def write_causal_lm(folder: Path) -> Path:
         unk_token="<unk>",
     )  # fmt: skip
     tokenizer.chat_template = CHAT_TEMPLATE
-    config = LlamaConfig(
+    return tokenizer
+
+
+def tiny_llama_config(tokenizer, **overrides):
+    """A 2-layer Llama of width 16 for ``tokenizer``; ``overrides`` change any field."""
+    from transformers import LlamaConfig
+
+    settings = dict(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
+    settings.update(overrides)
+    return LlamaConfig(**settings)
+
+
+def write_causal_lm(folder: Path) -> Path:
+    """A tiny Llama (random weights) and its character-level tokenizer with a chat template,
+    saved as a hub model is."""
+    import torch
+    from transformers import LlamaForCausalLM
+    from transformers.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    tokenizer = char_tokenizer()
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    LlamaForCausalLM(tiny_llama_config(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -4,12 +4,10 @@ on without downloads."""
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -17,42 +15,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<{{ message['role'] }}>{{ message['content'] }}</s>"
-    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
-)
-
-
-def char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per printable character, with pad/bos/eos/unk and a chat template."""
-    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *string.printable))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>",
-    )  # fmt: skip
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+from hf_lookbehind_recipes.tiny_data import char_tokenizer, tiny_llama_config
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaConfig:
-    settings = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
+    return tiny_llama_config(tokenizer, **overrides)
 
 
 def causal_lm(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
