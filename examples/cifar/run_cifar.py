@@ -29,6 +29,7 @@ if __name__ == "__main__":  # without the hub, fail in a second rather than afte
 from collections.abc import Sequence
 
 from hf_lookbehind_recipes.cifar import load_cifar_data, parse_arguments, train_cifar
+from hf_lookbehind_recipes.processes import end_process_group
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -41,3 +42,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

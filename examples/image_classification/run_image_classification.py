@@ -71,6 +71,7 @@ from hf_lookbehind_recipes.learning_rate import (
     scale_learning_rate,
 )
 from hf_lookbehind_recipes.methods import unread_flags
+from hf_lookbehind_recipes.processes import end_process_group
 from hf_lookbehind_recipes.training import train_and_evaluate
 
 # The paper's fine-tuning setup where it states it; the learning rate, its cosine schedule and
@@ -433,3 +434,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

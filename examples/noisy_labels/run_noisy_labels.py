@@ -42,6 +42,7 @@ from hf_lookbehind_recipes.classifier import ImageClassifier
 from hf_lookbehind_recipes.evaluation import check_evaluation_flags, top_k_accuracy
 from hf_lookbehind_recipes.label_noise import check_noise_fraction
 from hf_lookbehind_recipes.methods import unread_flags
+from hf_lookbehind_recipes.processes import end_process_group
 from hf_lookbehind_recipes.tables import markdown_table
 from hf_lookbehind_recipes.training import train_timed
 
@@ -315,3 +316,4 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

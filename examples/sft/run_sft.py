@@ -43,6 +43,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig, SFTTrainer
 
 from hf_lookbehind import LookbehindConfig, LookbehindMixin
+from hf_lookbehind_recipes.processes import end_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -215,3 +216,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

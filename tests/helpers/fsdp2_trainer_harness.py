@@ -31,6 +31,7 @@ from helpers.trainer_harness import (
     make_model,
     make_pretrained_model,
 )
+from hf_lookbehind_recipes.processes import end_process_group
 
 FSDP2_FLAGS = {"fsdp": "full_shard", "fsdp_config": {"version": 2}}
 # The Trainer refuses an optimizer passed in under FSDP: it builds SGD with momentum 0.9 itself,
@@ -148,3 +149,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import PretrainedConfig, PreTrainedModel
 
 from hf_lookbehind import Lookbehind, LookbehindTrainer, LookbehindTrainingArguments
+from hf_lookbehind_recipes.processes import end_process_group
 
 FEATURES, CLASSES, SAMPLES = 6, 3, 64
 
@@ -215,3 +216,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process_group()
