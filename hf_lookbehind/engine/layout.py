@@ -9,6 +9,7 @@ preparation) or a parameter's dtype or device changed between steps (``model.dou
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +17,30 @@ import torch
 
 from .multi_tensor import copy_values_, in_parts, scratch_like
 from .sharding import any_sharded, local_shards
+
+
+def _memory_span(p: torch.Tensor) -> tuple[int, int]:
+    """The bytes ``[start, end)`` that a tensor's elements occupy in its storage."""
+    start = p.untyped_storage().data_ptr() + p.storage_offset() * p.element_size()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(p.shape, p.stride()))
+    return start, start + extent * p.element_size()
+
+
+def refuse_overlapping(params: Sequence[torch.Tensor]) -> None:
+    """Refuse two parameters whose elements share memory (``nn.Parameter(other.data)``): the
+    engine keeps S, F and P of each parameter apart and cannot keep such a pair tied. Views of
+    one buffer that do not overlap (a flat-parameter wrapper) are fine."""
+    spans = sorted((*_memory_span(p), index) for index, p in enumerate(params) if p.numel() > 0)
+    for (_, end, first), (start, _, second) in itertools.pairwise(spans):
+        if start < end:
+            a, b = sorted((first, second))
+            raise ValueError(
+                f"parameters {a} and {b} (shapes {tuple(params[a].shape)} and "
+                f"{tuple(params[b].shape)}) share memory as two Parameter objects: the engine "
+                "keeps the slow, fast and perturbed weights of each parameter apart and cannot "
+                "keep them tied; tie them as one Parameter (module.weight = other.weight), "
+                "which the optimizer then sees once"
+            )
 
 
 class Layout:
@@ -38,6 +63,8 @@ class Layout:
                 "(torch.view_as_real) in a real parameter"
             )
         self.sharded = any_sharded(self.params)
+        if not self.sharded:
+            refuse_overlapping(self.params)
         self.dtypes = [p.dtype for p in self.params]
         self.devices = [p.device for p in self.params]
         self.device = self.params[0].device if self.params else torch.device("cpu")

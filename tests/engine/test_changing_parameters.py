@@ -88,6 +88,49 @@ def test_parameters_that_are_views_of_one_buffer_stay_views(mode):
     assert max_param_difference(flat, separate) == 0.0
 
 
+class TiedByStorage(nn.Module):
+    """An embedding and an output layer tied by storage as two Parameter objects
+    (``nn.Parameter(embedding.weight.data)``), or overlapping views of one buffer."""
+
+    def __init__(self, overlapping_views: bool = False) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(10, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        if overlapping_views:
+            flat = torch.randn(80)
+            self.embedding.weight = nn.Parameter(flat[:60].view(10, 6))
+            self.head.weight = nn.Parameter(flat[20:80].view(10, 6))
+        else:
+            self.head.weight = nn.Parameter(self.embedding.weight.data)
+
+
+@pytest.mark.parametrize("overlapping_views", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_parameters_sharing_memory_are_refused_at_construction(mode, overlapping_views):
+    model = TiedByStorage(overlapping_views)
+    assert len(list(model.parameters())) == 2
+    with pytest.raises(ValueError, match=r"parameters 0 and 1 .* share memory .* as one Parameter"):
+        Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1), **MODES[mode])
+
+
+def test_weights_tied_as_one_parameter_train_as_one():
+    """The fix the refusal names: one Parameter in both modules, seen once by the optimizer."""
+    model = TiedByStorage()
+    model.head.weight = model.embedding.weight
+    engine = Lookbehind(torch.optim.SGD(model.parameters(), lr=0.1), k=2)
+    tokens, labels = torch.randint(0, 10, (6,)), torch.randint(0, 10, (6,))
+    before = model.embedding.weight.detach().clone()
+
+    def closure():
+        loss = nn.functional.cross_entropy(model.head(model.embedding(tokens)), labels)
+        loss.backward()
+        return loss
+
+    engine.step(closure)
+    assert model.head.weight is model.embedding.weight
+    assert not torch.equal(model.embedding.weight, before)
+
+
 def test_a_second_engine_on_one_base_optimizer_takes_it_over():
     """Built mid-cycle of the first, the second engine starts its own run state (no stale
     cycle position), and the first refuses to step rather than share it."""
