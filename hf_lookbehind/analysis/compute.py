@@ -1,8 +1,10 @@
 """Accuracy per gradient computation (the paper's Table 10, Sec. A.9): compare methods at equal
 compute rather than at equal steps.
 
-``LookbehindTrainer`` writes ``gradient_computations`` into every entry of the Trainer's
-``log_history`` (``trainer_state.json``), evaluations included: the forward/backward passes over
+``LookbehindTrainer`` writes the count into every entry of the Trainer's ``log_history``
+(``trainer_state.json``): ``gradient_computations``, or ``eval_gradient_computations`` in an
+evaluation's entry (a metric ``<prefix>_x`` is read with ``<prefix>_gradient_computations``
+where the entry has it): the forward/backward passes over
 the global batch so far (SGD 1 per step, SAM 2, Multistep-SAM and same-batch Lookbehind k + 1,
 Lookbehind with minibatch switching 2; the micro-batches of gradient accumulation count as one
 pass). A metric's curve is then its evaluations against that count, and Table 10's number is the
@@ -42,7 +44,8 @@ def metric_against_computations(
         value = entry.get(metric)
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             continue
-        count = entry.get(GRADIENT_COMPUTATIONS)
+        count = entry.get(f"{metric.partition('_')[0]}_{GRADIENT_COMPUTATIONS}")
+        count = entry.get(GRADIENT_COMPUTATIONS) if count is None else count
         if not isinstance(count, int):
             raise ValueError(
                 f"the entry that logged {metric} at step {entry.get('step')} has no "

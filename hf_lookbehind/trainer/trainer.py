@@ -69,6 +69,15 @@ from .resume import CheckpointResume
 logger = logging.getLogger(__name__)
 
 
+def evaluation_prefix(logs: dict[str, float]) -> str:
+    """``"eval_"`` (or the evaluation's own ``metric_key_prefix``) for an evaluation's log entry,
+    which carries ``<prefix>_runtime``; ``""`` for any other entry."""
+    for key in logs:
+        if key.endswith("_runtime") and key != "train_runtime":
+            return key[: -len("runtime")]
+    return ""
+
+
 class LookbehindMixin(CheckpointResume):
     """Lookbehind-SAM/ASAM and its baselines for any ``transformers.Trainer`` subclass::
 
@@ -331,12 +340,14 @@ class LookbehindMixin(CheckpointResume):
         return 0 if self.uses_lookbehind else self.state.global_step
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Every entry, evaluation included, gets ``gradient_computations``; training entries
-        also get the engine's diagnostics."""
+        """Every entry gets the count: an evaluation's (it has ``<prefix>_runtime``) as
+        ``<prefix>_gradient_computations``, which loggers that file keys by prefix
+        (TensorBoard's ``eval/``) keep with the evaluation, any other as
+        ``gradient_computations``. Training entries also get the engine's diagnostics."""
         engine = self.lookbehind
         if engine is not None and "loss" in logs:
             logs.update(engine.stats().logs())
-        logs["gradient_computations"] = self.gradient_computations
+        logs[f"{evaluation_prefix(logs)}gradient_computations"] = self.gradient_computations
         super().log(logs, start_time)
 
     def _clip_grad_norm(self, model: nn.Module):

@@ -34,12 +34,12 @@ def history(per_step: int, accuracies: list[float], steps_per_eval: int = 10) ->
         entries.append({"step": step, "loss": 1.0 / index, "gradient_computations": count})
         entries.append(
             {"step": step, "eval_loss": 1.0 - accuracy, "eval_accuracy": accuracy,
-             "gradient_computations": count}
+             "eval_gradient_computations": count}
         )  # fmt: skip
     entries.append({"step": step, "train_loss": 0.5, "gradient_computations": count})
     entries.append(
         {"step": step, "eval_loss": 1.0 - accuracies[-1], "eval_accuracy": accuracies[-1],
-         "gradient_computations": count}
+         "eval_gradient_computations": count}
     )  # fmt: skip
     return entries
 

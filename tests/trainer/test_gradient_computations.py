@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.trainer_harness import InOrderTrainer, ToyDataset, make_args, make_model, make_trainer
+from transformers.integrations.integration_utils import rewrite_logs
 
 STEPS = 6
 # Flags, and the passes over the batch that one Trainer step of them costs.
@@ -70,8 +71,32 @@ def test_every_log_entry_carries_the_count(tmp_path, mode):
     assert [e["gradient_computations"] for e in train_entries] == [
         step * passes for step in range(1, STEPS + 1)
     ]
-    assert [e["gradient_computations"] for e in eval_entries] == [3 * passes, 6 * passes]
-    assert all("gradient_computations" in entry for entry in history)
+    assert [e["eval_gradient_computations"] for e in eval_entries] == [3 * passes, 6 * passes]
+    others = [entry for entry in history if entry not in eval_entries]
+    assert all("gradient_computations" in entry for entry in others)
+
+
+def test_tensorboard_files_the_evaluations_count_with_the_evaluation(tmp_path):
+    """TensorBoard's callback files a key under ``eval/`` or ``train/`` by its prefix: an
+    evaluation's entry puts nothing of its own under ``train/`` (``epoch`` is the Trainer's)."""
+    model = make_model()
+    trainer = InOrderTrainer(
+        model=model,
+        args=make_args(tmp_path, eval_strategy="steps", eval_steps=3, lookbehind_k=2),
+        train_dataset=ToyDataset(),
+        eval_dataset=ToyDataset(n=16, seed=7),
+        optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None),
+    )
+    trainer.train()
+    trainer.evaluate(metric_key_prefix="test")
+    history = trainer.state.log_history
+    evaluations = [e for e in history if "eval_loss" in e or "test_loss" in e]
+    assert len(evaluations) == 3
+    for entry in evaluations:  # "step" joins the entry after the callbacks saw it
+        logged = {key: value for key, value in entry.items() if key != "step"}
+        tags = {tag for tag in rewrite_logs(logged) if tag.startswith("train/")}
+        assert tags == {"train/epoch"}, entry
+    assert [e.get("test_gradient_computations") for e in evaluations][-1] == 6 * 3
 
 
 @pytest.mark.parametrize("mode", ["lookbehind_k2", "switching_k2", "sgd"])

@@ -35,6 +35,7 @@ LOOKBEHIND = {
 # What LookbehindTrainer logs besides the Trainer's keys (docs/trainer.md, "Logging").
 OWN_LOG_KEYS = {
     "gradient_computations",
+    "eval_gradient_computations",
     "lookbehind_alpha",
     "ascent_grad_norm",
     "perturbation_distance",
