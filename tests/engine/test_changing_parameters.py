@@ -71,7 +71,7 @@ class ViewsOfOneBuffer(nn.Module):
         return (torch.tanh(x @ self.first.T) @ self.second)[:, :3]
 
 
-@pytest.mark.parametrize("mode", ["lookbehind", "lookbehind_adaptive", "sam", "multistep_avg"])
+@pytest.mark.parametrize("mode", MODES)
 def test_parameters_that_are_views_of_one_buffer_stay_views(mode):
     flat, separate = ViewsOfOneBuffer(flat=True), ViewsOfOneBuffer(flat=False)
     engines = [
