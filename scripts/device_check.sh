@@ -5,7 +5,7 @@
 #      failure there is reported and the check goes on);
 #   2. CIFAR-10 (the copy in .device_data/cifar10) with examples/cifar/run_cifar.py, EPOCHS
 #      epochs each of SGD, SAM and Lookbehind-SAM (k = 2, alpha 0.5), cosine schedule, and a
-#      table of final/best accuracy and seconds of training per epoch per method;
+#      table of final accuracy and seconds of training per epoch per method;
 #   3. scripts/benchmark_step.py --device cuda --full (ResNet-34 b128 fp32, ViT-B/16 b64 bf16).
 # scripts/prepare_device_check.sh writes .device_data and .whl first, where the shared data is;
 # copy the checkout with both folders to the GPU machine. The packages of this checkout
