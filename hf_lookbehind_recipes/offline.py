@@ -3,7 +3,7 @@ for a minute and ending in a ``ConnectionError``: the message names the recipe's
 data and its tiny offline command (data made by :mod:`hf_lookbehind_recipes.tiny_data`).
 
 Each recipe script calls :func:`exit_if_hub_unreachable` before its heavy imports (and again in
-``main``): the flags are read with a small ``argparse`` reader (:data:`HUB_NEEDS`), so that the
+``main``): the flags are read with a small ``argparse`` reader (:class:`HubNeeds`), so that the
 check costs no import of ``torch``, ``datasets`` or ``transformers``. Only when the command line
 needs the hub (a hub dataset or model, not a local path) is the hub probed, once, with a short
 timeout; when it does not answer, offline mode is switched on (``HF_HUB_OFFLINE=1``, so that the
@@ -162,10 +162,6 @@ def _reader(*flags: str, booleans: Sequence[str] = ()) -> argparse.ArgumentParse
     return parser
 
 
-def _read(argv: Sequence[str], *flags: str, booleans: Sequence[str] = ()) -> argparse.Namespace:
-    return _reader(*flags, booleans=booleans).parse_known_args(list(argv))[0]
-
-
 def _is_true(value: str | None, default: bool) -> bool:
     return default if value is None else value.strip().lower() in {"true", "1", "yes", "y"}
 
@@ -179,6 +175,32 @@ def _hub_model(name: str | None) -> list[HubResource]:
     return [] if name is None or Path(name).exists() else [("model", name)]
 
 
+@dataclass(frozen=True)
+class HubNeeds:
+    """What a recipe's command line downloads, read from the flags that name it: the dataset of
+    ``--dataset_name`` (or ``default_dataset``, a name or a rule on the flags read), unless the
+    flag ``local_data`` gives local data or the name is a local path; then the models that
+    ``models`` finds in the flags. ``flags`` are all the flags read, in the order of the
+    reader's usage line, ``booleans`` those read as ``HfArgumentParser`` booleans. Called with
+    a command line, it returns the list of its :data:`HubResource`."""
+
+    flags: tuple[str, ...]
+    local_data: str = "--train_path"
+    booleans: tuple[str, ...] = ()
+    default_dataset: str | Callable[[argparse.Namespace], str | None] | None = None
+    models: Callable[[argparse.Namespace], list[HubResource]] | None = None
+
+    def __call__(self, argv: Sequence[str]) -> list[HubResource]:
+        args = _reader(*self.flags, booleans=self.booleans).parse_known_args(list(argv))[0]
+        needs = []
+        if getattr(args, self.local_data.lstrip("-")) is None:
+            default = self.default_dataset
+            needs += _hub_dataset(
+                args.dataset_name or (default(args) if callable(default) else default)
+            )
+        return needs + (self.models(args) if self.models is not None else [])
+
+
 CIFAR_DATASET = "uoft-cs/cifar10"
 IMAGENET_DATASET = "ILSVRC/imagenet-1k"
 VIT_MODEL = "vit_base_patch16_224.orig_in21k_ft_in1k"
@@ -189,16 +211,32 @@ LIFELONG_DATASETS = {
 }
 
 
-def cifar_needs(argv: Sequence[str]) -> list[HubResource]:
-    args = _read(argv, "--train_path", "--dataset_name")
-    if args.train_path is not None:
-        return []
-    return _hub_dataset(args.dataset_name or CIFAR_DATASET)
+def _lifelong_dataset(args: argparse.Namespace) -> str | None:
+    """The dataset of ``--benchmark`` (split CIFAR-100 by default)."""
+    return LIFELONG_DATASETS.get(args.benchmark or "split_cifar100")
 
 
-def image_classification_needs(argv: Sequence[str]) -> list[HubResource]:
-    args = _read(
-        argv,
+def _named_model(args: argparse.Namespace) -> list[HubResource]:
+    """The model that ``--model_name_or_path`` names, unless it is a local path."""
+    return _hub_model(args.model_name_or_path)
+
+
+def _image_classification_models(args: argparse.Namespace) -> list[HubResource]:
+    """A transformers ViT by its name, or the pretrained weights of a timm network."""
+    if (args.model_library or "timm") == "transformers":
+        return _hub_model(args.model_name_or_path or VIT_MODEL)
+    # timm downloads the pretrained weights unless the network is built locally: with a
+    # --model_config or --model_checkpoint, or by the resnet18_scratch recipe (its own config)
+    scratch = args.recipe == "resnet18_scratch"
+    local = scratch or args.model_config is not None or args.model_checkpoint is not None
+    if _is_true(args.pretrained, default=True) and not local:
+        return [("model", f"timm/{args.model_name_or_path or VIT_MODEL}")]
+    return []
+
+
+cifar_needs = HubNeeds(("--train_path", "--dataset_name"), default_dataset=CIFAR_DATASET)
+image_classification_needs = HubNeeds(
+    (
         "--train_path",
         "--dataset_name",
         "--recipe",
@@ -206,40 +244,24 @@ def image_classification_needs(argv: Sequence[str]) -> list[HubResource]:
         "--model_name_or_path",
         "--model_config",
         "--model_checkpoint",
-        booleans=["--pretrained"],
-    )
-    needs = []
-    if args.train_path is None:
-        needs += _hub_dataset(args.dataset_name or IMAGENET_DATASET)
-    if (args.model_library or "timm") == "transformers":
-        return needs + _hub_model(args.model_name_or_path or VIT_MODEL)
-    # timm downloads the pretrained weights unless the network is built locally: with a
-    # --model_config or --model_checkpoint, or by the resnet18_scratch recipe (its own config)
-    scratch = args.recipe == "resnet18_scratch"
-    local = scratch or args.model_config is not None or args.model_checkpoint is not None
-    if _is_true(args.pretrained, default=True) and not local:
-        needs.append(("model", f"timm/{args.model_name_or_path or VIT_MODEL}"))
-    return needs
-
-
-def lifelong_needs(argv: Sequence[str]) -> list[HubResource]:
-    args = _read(argv, "--train_path", "--dataset_name", "--benchmark")
-    if args.train_path is not None:
-        return []
-    benchmark = args.benchmark or "split_cifar100"
-    return _hub_dataset(args.dataset_name or LIFELONG_DATASETS.get(benchmark))
-
-
-def sft_needs(argv: Sequence[str]) -> list[HubResource]:
-    args = _read(argv, "--model_name_or_path", "--dataset_name", "--train_file")
-    needs = [] if args.train_file is not None else _hub_dataset(args.dataset_name)
-    return needs + _hub_model(args.model_name_or_path)
-
-
-def translation_needs(argv: Sequence[str]) -> list[HubResource]:
-    args = _read(argv, "--data_dir", "--dataset_name", "--model_name_or_path")
-    needs = [] if args.data_dir is not None else _hub_dataset(args.dataset_name)
-    return needs + _hub_model(args.model_name_or_path)
+    ),
+    booleans=("--pretrained",),
+    default_dataset=IMAGENET_DATASET,
+    models=_image_classification_models,
+)
+lifelong_needs = HubNeeds(
+    ("--train_path", "--dataset_name", "--benchmark"), default_dataset=_lifelong_dataset
+)
+sft_needs = HubNeeds(
+    ("--model_name_or_path", "--dataset_name", "--train_file"),
+    local_data="--train_file",
+    models=_named_model,
+)
+translation_needs = HubNeeds(
+    ("--data_dir", "--dataset_name", "--model_name_or_path"),
+    local_data="--data_dir",
+    models=_named_model,
+)
 
 
 TINY_DATA = "python -m hf_lookbehind_recipes.tiny_data"

@@ -18,6 +18,7 @@ from test_analysis_curves import LOG_HISTORY, sharpness_result, write_state
 
 from hf_lookbehind.analysis import (
     SweepGrid,
+    arguments,
     cli,
     compare_at_equal_performance,
     metric_against_computations,
@@ -58,7 +59,7 @@ def test_help_shows_a_default_for_every_option(tool, capsys):
         main(["--help"])
     assert exited.value.code == 0
     entries = help_entries(capsys.readouterr().out)
-    parser = cli.PARSERS[tool]()
+    parser = arguments.PARSERS[tool]()
     options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
     assert options
     for action in options:
@@ -332,7 +333,7 @@ def test_the_docs_give_the_statistics_a_cifar_recipe_model_needs():
 
     from hf_lookbehind_recipes.cifar_data import NORMALIZATIONS
 
-    parser = cli.PARSERS["sharpness"]()
+    parser = arguments.PARSERS["sharpness"]()
     defaults = {
         a.dest: tuple(a.default) for a in parser._actions if a.dest in ("image_mean", "image_std")
     }

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import (
-    LlamaConfig,
     LlamaForCausalLM,
     LlamaForSequenceClassification,
     PreTrainedTokenizerFast,
@@ -18,18 +17,14 @@ from transformers import (
 from hf_lookbehind_recipes.tiny_data import char_tokenizer, tiny_llama_config
 
 
-def tiny_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaConfig:
-    return tiny_llama_config(tokenizer, **overrides)
-
-
 def causal_lm(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(tiny_config(tokenizer))
+    return LlamaForCausalLM(tiny_llama_config(tokenizer))
 
 
 def reward_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0):
     torch.manual_seed(seed)
-    return LlamaForSequenceClassification(tiny_config(tokenizer, num_labels=1))
+    return LlamaForSequenceClassification(tiny_llama_config(tokenizer, num_labels=1))
 
 
 def save_causal_lm(folder: Path) -> Path:
